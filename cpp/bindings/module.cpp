@@ -1,0 +1,22 @@
+// The _core extension: a thin pybind11 layer over the pure C++ engine in cpp/src.
+#include <pybind11/pybind11.h>
+
+#include "wsitile/slide.hpp"
+
+namespace py = pybind11;
+
+void register_slide(py::module_& m);
+void register_loader(py::module_& m);
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "wsitile's C++ engine (use the wsitile package, not this module)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const wsitile::FileNotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    }
+  });
+  register_slide(m);
+  register_loader(m);
+}

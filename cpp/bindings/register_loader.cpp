@@ -1,0 +1,117 @@
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+
+#include "numpy_owner.hpp"
+#include "wsitile/loader.hpp"
+
+namespace py = pybind11;
+using wsitile::bindings::to_numpy;
+
+namespace {
+
+template <typename T>
+std::vector<T> column(const py::array& a, const char* name, py::ssize_t n) {
+  auto arr = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!arr || arr.ndim() != 1 || arr.shape(0) != n) {
+    throw std::invalid_argument(std::string(name) + " must be a 1-d array of length " + std::to_string(n));
+  }
+  return std::vector<T>(arr.data(), arr.data() + n);
+}
+
+py::dict batch_to_dict(wsitile::Batch&& b) {
+  const py::ssize_t n = b.size;
+  py::dict d;
+  d["images"] = to_numpy(std::move(b.images), {n, b.towers, b.window, b.window, 3});
+  d["labels"] = to_numpy(std::move(b.labels), {n});
+  d["coords"] = to_numpy(std::move(b.coords), {n, 2});
+  d["slide_index"] = to_numpy(std::move(b.slide_index), {n});
+  d["sample_index"] = to_numpy(std::move(b.sample_index), {n});
+  return d;
+}
+
+}  // namespace
+
+void register_loader(py::module_& m) {
+  py::class_<wsitile::Loader>(m, "Loader")
+      .def(py::init([](const std::vector<std::string>& slides, const py::array& slide_index, const py::array& x,
+                       const py::array& y, const py::array& labels, const std::vector<int32_t>& levels,
+                       int64_t window, int64_t batch_size, int threads, bool shuffle, bool balanced,
+                       bool drop_last, uint64_t seed, size_t cache_bytes) {
+             const py::ssize_t n = slide_index.size();
+             wsitile::SampleTable t;
+             t.slide = column<int32_t>(slide_index, "slide_index", n);
+             t.x = column<int64_t>(x, "x", n);
+             t.y = column<int64_t>(y, "y", n);
+             t.label = column<uint8_t>(labels, "labels", n);
+             wsitile::LoaderConfig cfg;
+             cfg.levels = levels;
+             cfg.window = window;
+             cfg.batch_size = batch_size;
+             cfg.threads = threads;
+             cfg.shuffle = shuffle;
+             cfg.balanced = balanced;
+             cfg.drop_last = drop_last;
+             cfg.seed = seed;
+             cfg.cache_bytes = cache_bytes;
+             py::gil_scoped_release release;  // opening slides touches no Python object
+             return std::make_unique<wsitile::Loader>(slides, std::move(t), cfg);
+           }),
+           py::arg("slides"), py::arg("slide_index"), py::arg("x"), py::arg("y"), py::arg("labels"),
+           py::arg("levels"), py::arg("window"), py::arg("batch_size"), py::arg("threads"), py::arg("shuffle"),
+           py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"))
+      .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
+      .def_property_readonly("batches_per_epoch", &wsitile::Loader::batches_per_epoch)
+      .def("get_state",
+           [](const wsitile::Loader& l) {
+             const auto s = l.state();
+             py::dict d;
+             d["seed"] = s.seed;
+             d["epoch"] = s.epoch;
+             d["index"] = s.index;
+             return d;
+           })
+      .def(
+          "set_state",
+          [](wsitile::Loader& l, const py::dict& d) {
+            wsitile::LoaderState s;
+            s.seed = d["seed"].cast<uint64_t>();
+            s.epoch = d["epoch"].cast<int64_t>();
+            s.index = d["index"].cast<int64_t>();
+            l.set_state(s);
+          },
+          py::arg("state"))
+      .def("next",
+           [](wsitile::Loader& l) -> py::object {
+             // Wait in short slices with the GIL released, so Ctrl-C (a pending Python signal) is
+             // noticed within ~50 ms instead of after a long batch.
+             for (;;) {
+               bool ready;
+               {
+                 py::gil_scoped_release release;
+                 ready = l.wait(std::chrono::milliseconds(50));
+               }
+               if (ready) break;
+               if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+             }
+             std::optional<wsitile::Batch> b;
+             {
+               py::gil_scoped_release release;
+               b = l.take();
+             }
+             if (!b) return py::none();
+             return batch_to_dict(std::move(*b));
+           },
+           "The next batch as a dict of NumPy arrays, or None at the end of an epoch.")
+      .def("close", &wsitile::Loader::close, py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "place_tower",
+      [](int64_t x, int64_t y, int64_t window, double d0, double dt, bool base) {
+        const auto p = wsitile::place_tower(x, y, window, d0, dt, base);
+        return py::make_tuple(p.lx, p.ly, p.x0, p.y0);
+      },
+      py::arg("x"), py::arg("y"), py::arg("window"), py::arg("d0"), py::arg("dt"), py::arg("base"));
+}

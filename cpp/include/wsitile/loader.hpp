@@ -1,0 +1,125 @@
+// The batch loader: a thread pool that cuts multi-scale window pairs out of slides into batches the
+// consumer takes in a fixed order.
+//
+// Order and content depend only on (seed, epoch, position in the epoch), never on the thread count:
+// the epoch's sample order is computed up front from a counter-based RNG, each batch is split into
+// chunks that workers fill independently, and batches are handed out in order.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "wsitile/slide.hpp"
+
+namespace wsitile {
+
+struct LoaderConfig {
+  std::vector<int32_t> levels{2, 3};  // one tower per level; tower 0 is the base level Lb
+  int64_t window = 80;
+  int64_t batch_size = 64;
+  int threads = 1;
+  bool shuffle = true;
+  bool balanced = false;  // tumour:normal drawn 1:1 (Liu et al.)
+  bool drop_last = false;
+  uint64_t seed = 0;
+  size_t cache_bytes = size_t{256} << 20;  // one OpenSlide tile cache shared by all slides
+};
+
+// The grid over all slides, one row per window.
+struct SampleTable {
+  std::vector<int32_t> slide;  // index into the loader's slide list
+  std::vector<int64_t> x, y;   // tower 0's top-left in level-Lb pixels
+  std::vector<uint8_t> label;
+  int64_t size() const { return static_cast<int64_t>(slide.size()); }
+};
+
+struct Batch {
+  int64_t size = 0, towers = 0, window = 0;
+  std::vector<uint8_t> images;  // (size, towers, window, window, 3) RGB
+  std::vector<uint8_t> labels;  // (size,)
+  std::vector<int64_t> coords;  // (size, 2) level-0 (x, y) of tower 0's top-left
+  std::vector<int32_t> slide_index;
+  std::vector<int64_t> sample_index;  // row of the sample table
+};
+
+struct LoaderState {
+  uint64_t seed = 0;
+  int64_t epoch = 0;
+  int64_t index = 0;  // position (in samples) of the next batch within the epoch
+};
+
+// Where tower t of a sample lies: its top-left in level-t pixels and the level-0 point to read at.
+struct TowerPlacement {
+  int64_t lx, ly;  // level-t pixels
+  int64_t x0, y0;  // level-0 pixels passed to read_region: round(l * d_t)
+};
+TowerPlacement place_tower(int64_t x, int64_t y, int64_t window, double d0, double dt, bool base);
+
+class Loader {
+ public:
+  Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg);
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  int64_t num_samples() const { return samples_.size(); }
+  int64_t batches_per_epoch() const;
+  const LoaderConfig& config() const { return cfg_; }
+  LoaderState state() const;
+  void set_state(const LoaderState& s);  // drops the work in flight
+
+  // Waits at most `timeout` for the next batch (or the end of the epoch); true when take() will not
+  // block. Lets a caller wait in slices and stay responsive to signals.
+  bool wait(std::chrono::milliseconds timeout);
+  // The next batch, or std::nullopt at the end of an epoch (the state then moves to the next epoch).
+  // Rethrows a worker's exception; the position stays at the failed batch.
+  std::optional<Batch> take();
+  void close();  // stops the workers; further use throws
+
+ private:
+  struct Pending;
+  struct SlideGeometry {
+    std::vector<double> downsample;  // per tower
+    bool exact = true;               // integral downsamples: strips can be cut into windows exactly
+  };
+
+  void start_epoch_locked();
+  void fill_pipeline_locked();
+  void drop_pipeline_locked();
+  void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
+  void extract_run(Batch& b, int64_t first, int64_t last) const;
+  void worker_loop();
+  int64_t epoch_end() const;
+
+  LoaderConfig cfg_;
+  SampleTable samples_;
+  std::vector<std::unique_ptr<Slide>> slides_;
+  std::vector<SlideGeometry> geometry_;
+  std::shared_ptr<TileCache> cache_;
+  std::vector<int64_t> class_members_[2];
+  int64_t chunk_ = 1;
+  size_t prefetch_ = 2;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_, done_cv_;
+  std::deque<std::function<void()>> tasks_;
+  std::deque<std::shared_ptr<Pending>> pending_;
+  std::shared_ptr<const std::vector<int64_t>> order_;  // this epoch's sample order
+  LoaderState state_;
+  int64_t scheduled_ = 0;  // position of the next batch to schedule
+  std::atomic<bool> stopping_{false};
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace wsitile

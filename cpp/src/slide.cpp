@@ -1,0 +1,103 @@
+#include "wsitile/slide.hpp"
+
+#include <sys/stat.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+namespace wsitile {
+
+TileCache::TileCache(size_t capacity_bytes) : capacity_(capacity_bytes) {
+  const OpenSlideApi& api = openslide_api();
+  if (!api.cache_create) throw std::runtime_error("libopenslide < 4.0 has no shared tile cache");
+  cache_ = api.cache_create(capacity_bytes);
+}
+
+TileCache::~TileCache() {
+  if (cache_) openslide_api().cache_release(cache_);
+}
+
+Slide::Slide(std::string path, std::shared_ptr<TileCache> cache)
+    : path_(std::move(path)), api_(&openslide_api()), cache_(std::move(cache)) {
+  struct stat st;
+  if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
+  if (S_ISDIR(st.st_mode)) throw std::invalid_argument(path_ + ": is a directory, not a slide");
+  const char* vendor = api_->detect_vendor(path_.c_str());
+  if (!vendor) throw std::invalid_argument(path_ + ": not a slide OpenSlide can read");
+  vendor_ = vendor;
+  osr_ = api_->open(path_.c_str());
+  if (!osr_) throw std::invalid_argument(path_ + ": not a slide OpenSlide can read");
+  check_error("cannot open slide");
+  const int32_t n = api_->get_level_count(osr_);
+  check_error("cannot read level count");
+  if (n < 1) throw std::runtime_error(path_ + ": slide has no levels");
+  for (int32_t l = 0; l < n; ++l) {
+    LevelInfo info{};
+    api_->get_level_dimensions(osr_, l, &info.width, &info.height);
+    info.downsample = api_->get_level_downsample(osr_, l);
+    levels_.push_back(info);
+  }
+  check_error("cannot read level dimensions");
+  if (cache_) api_->set_cache(osr_, cache_->get());
+}
+
+Slide::~Slide() {
+  if (osr_) api_->close(osr_);
+}
+
+void Slide::check_error(const std::string& what) const {
+  const char* err = api_->get_error(osr_);
+  if (err) throw std::runtime_error(path_ + ": " + what + ": " + err);
+}
+
+const LevelInfo& Slide::level(int32_t level) const {
+  if (level < 0 || level >= level_count()) {
+    std::ostringstream msg;
+    msg << path_ << ": level " << level << " out of range (the slide has levels 0.." << level_count() - 1
+        << ")";
+    throw std::invalid_argument(msg.str());
+  }
+  return levels_[level];
+}
+
+std::optional<std::string> Slide::property(const std::string& name) const {
+  const char* v = api_->get_property_value(osr_, name.c_str());
+  if (!v) return std::nullopt;
+  return std::string(v);
+}
+
+void Slide::read_argb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint32_t* dest) const {
+  level(lvl);  // range check
+  api_->read_region(osr_, dest, x0, y0, lvl, w, h);
+  const char* err = api_->get_error(osr_);
+  if (err) {
+    std::ostringstream msg;
+    msg << path_ << ": read failed at level " << lvl << ", level-0 (x, y) = (" << x0 << ", " << y0
+        << "), size " << w << "x" << h << ": " << err;
+    throw std::runtime_error(msg.str());
+  }
+}
+
+void Slide::read_rgb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint8_t* dest,
+                     int64_t row_stride) const {
+  thread_local std::vector<uint32_t> buf;
+  buf.resize(static_cast<size_t>(w * h));
+  read_argb(x0, y0, lvl, w, h, buf.data());
+  for (int64_t r = 0; r < h; ++r) argb_to_rgb(buf.data() + r * w, dest + r * row_stride, w);
+}
+
+void argb_to_rgb(const uint32_t* src, uint8_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t p = src[i];
+    const uint32_t a = p >> 24;
+    // Premultiplied over white: c + (255 - a). Opaque pixels pass through unchanged and fully
+    // transparent ones (outside the slide) become white, without a branch.
+    const uint32_t add = 255 - a;
+    dst[3 * i + 0] = static_cast<uint8_t>(((p >> 16) & 0xff) + add);
+    dst[3 * i + 1] = static_cast<uint8_t>(((p >> 8) & 0xff) + add);
+    dst[3 * i + 2] = static_cast<uint8_t>((p & 0xff) + add);
+  }
+}
+
+}  // namespace wsitile

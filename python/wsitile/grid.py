@@ -1,0 +1,159 @@
+"""The sliding-window grid of a slide and its centre-mask labels (the engine's contract).
+
+Tower 0 reads the base level Lb (the finest tower level). Window top-left positions in level-Lb
+pixels are (i * stride, j * stride) with the whole window inside the level, rows ordered by y then x.
+A window is tumour iff the level-Lb mask has a tumour pixel in its centre square
+[x + o, x + o + center) x [y + o, y + o + center), o = (window - center) // 2, where a level-Lb pixel p
+covers level-0 pixels [round(p * d), round((p + 1) * d)) and is tumour iff any of those is. The centre
+square is therefore the level-0 rectangle [round((x + o) * d), round((x + o + center) * d)), queried at
+level 0 of the mask whatever pyramid the mask file carries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import _core
+from .slide import Slide
+from .tissue import tissue_level, tissue_mask
+
+DEFAULT_LEVELS = (2, 3)
+DEFAULT_WINDOW = 80
+DEFAULT_CENTER = 50
+DEFAULT_STRIDE = 80
+DEFAULT_TISSUE_THRESHOLD = 0.25  # a window needs a quarter of its area on tissue
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The windows of one slide: level-Lb top-lefts `xy`, level-0 `coords`, centre `labels`."""
+
+    slide: str
+    levels: tuple[int, ...]
+    window: int
+    center: int
+    stride: int
+    downsamples: tuple[float, ...]  # the slide's downsample of each tower level
+    grid_shape: tuple[int, int]  # (rows, cols) of the full grid, before the tissue filter
+    xy: np.ndarray  # int64 (N, 2), tower 0's top-left in level-Lb pixels
+    coords: np.ndarray  # int64 (N, 2), the same in level-0 pixels: round(xy * d_0)
+    labels: np.ndarray  # uint8 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
+    levels = tuple(int(lvl) for lvl in levels)
+    if not levels:
+        raise ValueError("levels: give at least one tower level")
+    for lvl in levels:
+        slide.check_level(lvl)
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"levels {levels}: must increase (tower 0 is the finest level)")
+    if window < 1:
+        raise ValueError(f"window {window}: must be >= 1")
+    if not 1 <= center <= window:
+        raise ValueError(f"center {center}: must be between 1 and the window ({window})")
+    if stride < 1:
+        raise ValueError(f"stride {stride}: must be >= 1")
+    width, height = slide.level_dimensions[levels[0]]
+    if window > min(width, height):
+        raise ValueError(
+            f"{slide.path}: window {window} is larger than level {levels[0]} ({width}x{height} px)"
+        )
+    return levels
+
+
+def tissue_fraction(slide: Slide, base_level: int, window: int, xy: np.ndarray) -> np.ndarray:
+    """Fraction of each window's area on tissue, from the tissue mask of a low-resolution level."""
+    level = tissue_level(slide, base_level, window)
+    mask = tissue_mask(slide, level)
+    scale = slide.level_downsamples[base_level] / slide.level_downsamples[level]
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    lo = np.floor(xy * scale).astype(np.int64)
+    hi = np.maximum(np.ceil((xy + window) * scale).astype(np.int64), lo + 1)
+    lo = np.clip(lo, 0, [mask.shape[1], mask.shape[0]])
+    hi = np.clip(hi, lo, [mask.shape[1], mask.shape[0]])
+    area = np.maximum((hi - lo).prod(axis=1), 1)
+    total = integral[hi[:, 1], hi[:, 0]] - integral[lo[:, 1], hi[:, 0]] - integral[hi[:, 1], lo[:, 0]] + integral[lo[:, 1], lo[:, 0]]
+    return total / area
+
+
+def centre_rects(xy: np.ndarray, window: int, center: int, d0: float) -> np.ndarray:
+    """Half-open level-0 rectangles (x0, y0, x1, y1) of the windows' centre squares."""
+    o = (window - center) // 2
+    lo = np.rint((xy + o) * d0).astype(np.int64)
+    hi = np.rint((xy + o + center) * d0).astype(np.int64)
+    return np.concatenate([lo, hi], axis=1)
+
+
+def label_windows(slide: Slide, mask: str | os.PathLike[str] | None, rects: np.ndarray, threads: int) -> np.ndarray:
+    """1 where the centre rectangle holds a tumour pixel of the level-0 mask (TIFF or ASAP XML)."""
+    if mask is None:
+        return np.zeros(len(rects), dtype=np.uint8)
+    mask = os.fspath(mask)
+    if Path(mask).suffix.lower() == ".xml":
+        from .masks import any_tumour, read_asap_xml
+
+        return any_tumour(read_asap_xml(mask), rects).astype(np.uint8)
+    mask_slide = Slide(mask)
+    if mask_slide.dimensions != slide.dimensions:
+        (mw, mh), (sw, sh) = mask_slide.dimensions, slide.dimensions
+        raise ValueError(f"{mask}: mask level-0 size {mw}x{mh} does not match slide {slide.path} ({sw}x{sh})")
+    return _core.mask_any(mask_slide._slide, rects, threads)
+
+
+def build_grid(
+    slide: Slide | str | os.PathLike[str],
+    mask: str | os.PathLike[str] | None = None,
+    *,
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    window: int = DEFAULT_WINDOW,
+    center: int = DEFAULT_CENTER,
+    stride: int = DEFAULT_STRIDE,
+    tissue_threshold: float | None = DEFAULT_TISSUE_THRESHOLD,
+    threads: int | None = None,
+) -> Grid:
+    """The windows of `slide` (optionally only those on tissue) with their centre labels from `mask`.
+
+    The full grid is only ever a boolean per window position (cheap: one per stride x stride cell);
+    pixels are read from a low-resolution level for tissue and from the mask only for kept windows.
+    """
+    if not isinstance(slide, Slide):
+        slide = Slide(slide)
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads {threads}: must be >= 1")
+    levels = validate(slide, levels, window, center, stride)
+    base = levels[0]
+    width, height = slide.level_dimensions[base]
+    cols, rows = (width - window) // stride + 1, (height - window) // stride + 1
+    jj, ii = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)  # rows by y, then x
+    xy = np.stack([ii * stride, jj * stride], axis=1)
+    if tissue_threshold is not None and tissue_threshold > 0:
+        xy = xy[tissue_fraction(slide, base, window, xy) >= tissue_threshold]
+    d0 = slide.level_downsamples[base]
+    labels = label_windows(slide, mask, centre_rects(xy, window, center, d0), threads)
+    return Grid(
+        slide=slide.path,
+        levels=levels,
+        window=int(window),
+        center=int(center),
+        stride=int(stride),
+        downsamples=tuple(slide.level_downsamples[lvl] for lvl in levels),
+        grid_shape=(int(rows), int(cols)),
+        xy=xy,
+        coords=np.rint(xy * d0).astype(np.int64),
+        labels=np.ascontiguousarray(labels, dtype=np.uint8),
+    )

@@ -1,0 +1,155 @@
+"""`wsitile.Loader`: multithreaded, deterministic batches of multi-scale window pairs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .grid import (
+    DEFAULT_CENTER,
+    DEFAULT_LEVELS,
+    DEFAULT_STRIDE,
+    DEFAULT_TISSUE_THRESHOLD,
+    DEFAULT_WINDOW,
+    Grid,
+    build_grid,
+    default_threads,
+)
+from .slide import Slide
+
+SlideSpec = tuple["str | os.PathLike[str]", "str | os.PathLike[str] | None"]
+
+
+class Loader:
+    """Batches of window pairs from slides, cut by a C++ thread pool.
+
+    `slides` is a list of (slide path, mask path or None for a normal slide); masks are TIFFs aligned
+    with the slide or ASAP XML. Each batch is a dict of NumPy arrays that own their memory:
+
+    - ``images`` uint8 (B, T, window, window, 3), one window per tower level, concentric;
+    - ``labels`` uint8 (B,), the centre-square rule of `wsitile.grid`;
+    - ``coords`` int64 (B, 2), level-0 (x, y) of tower 0's top-left;
+    - ``slide_index`` int32 (B,), the slide's position in `slides`;
+    - ``sample_index`` int64 (B,), the window's row in `samples` (the concatenated grids).
+
+    Iterating yields the rest of the current epoch; the next iteration starts the next epoch. Order
+    and content depend only on (seed, epoch, position), not on `threads`. `get_state()` /
+    `set_state()` save and restore the position for checkpoints.
+    """
+
+    def __init__(
+        self,
+        slides: Sequence[SlideSpec],
+        *,
+        levels: Sequence[int] = DEFAULT_LEVELS,
+        window: int = DEFAULT_WINDOW,
+        center: int = DEFAULT_CENTER,
+        stride: int = DEFAULT_STRIDE,
+        batch_size: int = 64,
+        threads: int | None = None,
+        shuffle: bool = True,
+        balanced: bool = False,
+        seed: int = 0,
+        tissue_threshold: float | None = DEFAULT_TISSUE_THRESHOLD,
+        drop_last: bool = False,
+        cache_mb: int = 256,
+    ):
+        threads = default_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads {threads}: must be >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: must be >= 1")
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb {cache_mb}: must be >= 0")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed {seed}: must be in [0, 2**64)")
+        specs = [_spec(s) for s in slides]
+        if not specs:
+            raise ValueError("slides: the list is empty")
+        self.grids: list[Grid] = [
+            build_grid(
+                Slide(path),
+                mask,
+                levels=levels,
+                window=window,
+                center=center,
+                stride=stride,
+                tissue_threshold=tissue_threshold,
+                threads=threads,
+            )
+            for path, mask in specs
+        ]
+        if sum(len(g) for g in self.grids) == 0:
+            raise ValueError(
+                f"no windows: the tissue filter (threshold {tissue_threshold}) kept none in "
+                + ", ".join(os.fspath(p) for p, _ in specs)
+            )
+        self.slides = [os.fspath(p) for p, _ in specs]
+        self.levels = tuple(int(lvl) for lvl in levels)
+        self.window, self.center, self.stride = int(window), int(center), int(stride)
+        self.batch_size = int(batch_size)
+        xy = np.concatenate([g.xy for g in self.grids])
+        self.slide_index = np.concatenate([np.full(len(g), i, dtype=np.int32) for i, g in enumerate(self.grids)])
+        self.labels = np.concatenate([g.labels for g in self.grids])
+        self.coords = np.concatenate([g.coords for g in self.grids])
+        self._core = _core.Loader(
+            self.slides,
+            self.slide_index,
+            np.ascontiguousarray(xy[:, 0]),
+            np.ascontiguousarray(xy[:, 1]),
+            self.labels,
+            list(self.levels),
+            self.window,
+            self.batch_size,
+            threads,
+            bool(shuffle),
+            bool(balanced),
+            bool(drop_last),
+            int(seed),
+            int(cache_mb) * 1024 * 1024,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """Windows in one epoch (all slides' grids together)."""
+        return int(self._core.num_samples)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return int(self._core.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while (batch := self._core.next()) is not None:
+            yield batch
+
+    def get_state(self) -> dict[str, int]:
+        return dict(self._core.get_state())
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = {"seed", "epoch", "index"} - set(state)
+        if missing:
+            raise ValueError(f"loader state lacks {sorted(missing)}")
+        self._core.set_state({k: int(state[k]) for k in ("seed", "epoch", "index")})
+
+    def close(self) -> None:
+        """Stop the worker threads (also done when the loader is garbage-collected)."""
+        self._core.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _spec(item: Any) -> tuple[str, str | None]:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item), None
+    try:
+        path, mask = item
+    except (TypeError, ValueError):
+        raise ValueError(f"slides: expected (slide path, mask path or None), got {item!r}") from None
+    return os.fspath(path), None if mask is None else os.fspath(mask)

@@ -1,0 +1,1 @@
+"""wsitile.models: the JAX/Flax two-tower InceptionV3 (issue 4); needs the `wsitile[train]` extra."""

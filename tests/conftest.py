@@ -1,0 +1,26 @@
+"""Shared fixtures: slides made by the project's own synthetic-slide generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsitile.synth import write_slide
+
+
+@pytest.fixture(scope="session")
+def tumour_slide(tmp_path_factory) -> dict[str, Path]:
+    """An 8192 px tumour slide (levels 0..4) with its mask TIFF and ASAP XML."""
+    root = tmp_path_factory.mktemp("tumour")
+    paths = {"slide": root / "tumor_001.tif", "mask": root / "tumor_001_mask.tif", "xml": root / "tumor_001.xml"}
+    write_slide(paths["slide"], 8192, seed=7, tumour=True, mask_path=paths["mask"], xml_path=paths["xml"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def normal_slide(tmp_path_factory) -> Path:
+    """A 4096 px normal slide (levels 0..3)."""
+    path = tmp_path_factory.mktemp("normal") / "normal_001.tif"
+    write_slide(path, 4096, seed=11, tumour=False)
+    return path

@@ -156,8 +156,8 @@ def dotted_mask(normal_slide, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2], dict(levels=(3,), window=33, center=33, stride=7)],
-                         ids=["l23-w80-c50-s80", "l2-w64-c17-s40", "l3-w33-c33-s7"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2], dict(levels=(3,), window=33, center=33, stride=13)],
+                         ids=["l23-w80-c50-s80", "l2-w64-c17-s40", "l3-w33-c33-s13"])
 def test_single_pixel_boundaries(normal_slide, dotted_mask, cfg):
     """Isolated level-0 pixels just inside / just outside centre squares: max-pooling, half-open bounds."""
     slide = wsitile.Slide(normal_slide)

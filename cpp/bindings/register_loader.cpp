@@ -63,6 +63,8 @@ void register_loader(py::module_& m) {
            py::arg("levels"), py::arg("window"), py::arg("batch_size"), py::arg("threads"), py::arg("shuffle"),
            py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"))
       .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
+      .def_property_readonly("cache_bytes_used", &wsitile::Loader::cache_bytes_used)
+      .def("uses_block_cache", &wsitile::Loader::uses_block_cache, py::arg("slide"))
       .def_property_readonly("batches_per_epoch", &wsitile::Loader::batches_per_epoch)
       .def("get_state",
            [](const wsitile::Loader& l) {

@@ -1,6 +1,7 @@
 #include "wsitile/loader.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -10,12 +11,6 @@
 #include "wsitile/rng.hpp"
 
 namespace wsitile {
-
-namespace {
-// A grid-order run of windows is read as one strip per tower when it spans at most this many
-// level-Lb pixels: one read_region instead of one per window, with a bounded strip buffer.
-constexpr int64_t kMaxStrip = 4096;
-}  // namespace
 
 struct Loader::Pending {
   int64_t epoch = 0, start = 0;
@@ -54,9 +49,10 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
       static_cast<int64_t>(samples_.label.size()) != n) {
     throw std::invalid_argument("sample table columns differ in length");
   }
-  if (cfg_.cache_bytes > 0 && openslide_api().cache_create) {
-    cache_ = std::make_shared<TileCache>(cfg_.cache_bytes);
+  if (cfg_.tile_cache_bytes > 0 && openslide_api().cache_create) {
+    cache_ = std::make_shared<TileCache>(cfg_.tile_cache_bytes);
   }
+  if (cfg_.cache_bytes >= BlockCache::block_bytes()) blocks_ = std::make_unique<BlockCache>(cfg_.cache_bytes);
   for (const auto& path : slide_paths) {
     slides_.push_back(std::make_unique<Slide>(path, cache_));
     const Slide& s = *slides_.back();
@@ -81,6 +77,7 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
     throw std::invalid_argument(std::string("balanced sampling needs tumour and normal windows, but there are no ") +
                                 (class_members_[1].empty() ? "tumour" : "normal") + " windows");
   }
+  choose_block_policy();
   // Chunks of a batch are the unit of work: about two per thread, so a batch spreads over the pool.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cfg_.batch_size, 2 * cfg_.threads));
   chunk_ = (cfg_.batch_size + chunks - 1) / chunks;
@@ -228,30 +225,7 @@ void Loader::worker_loop() {
 void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end) {
   std::exception_ptr error;
   try {
-    Batch& b = p->batch;
-    // Split the chunk into runs of windows that lie side by side on one row of one slide.
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t first = b.sample_index[i];
-      const int32_t s = samples_.slide[first];
-      int64_t j = i + 1;
-      if (geometry_[s].exact) {
-        int64_t prev_x = samples_.x[first];
-        while (j < end) {
-          const int64_t q = b.sample_index[j];
-          const int64_t x = samples_.x[q];
-          if (samples_.slide[q] != s || samples_.y[q] != samples_.y[first] || x <= prev_x ||
-              x - prev_x > cfg_.window || x + cfg_.window - samples_.x[first] > kMaxStrip) {
-            break;
-          }
-          prev_x = x;
-          ++j;
-        }
-      }
-      extract_run(b, i, j);
-      i = j;
-      if (stopping_) break;  // close() was called: leave the rest of the chunk
-    }
+    for (int64_t k = begin; k < end && !stopping_; ++k) extract_sample(p->batch, k);
   } catch (...) {
     error = std::current_exception();
   }
@@ -260,38 +234,79 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
   if (--p->remaining == 0) done_cv_.notify_all();
 }
 
-void Loader::extract_run(Batch& b, int64_t first, int64_t last) const {
-  const int64_t w = cfg_.window, towers = b.towers;
-  const int64_t tower_bytes = w * w * 3;
-  const int64_t i0 = b.sample_index[first];
-  const int32_t s = samples_.slide[i0];
-  const Slide& slide = *slides_[s];
+void Loader::extract_sample(Batch& b, int64_t k) const {
+  const int64_t w = cfg_.window;
+  const int64_t i = b.sample_index[k];
+  const int32_t s = samples_.slide[i];
   const SlideGeometry& g = geometry_[s];
-  thread_local std::vector<uint8_t> strip;
-  for (int64_t t = 0; t < towers; ++t) {
-    const double d0 = g.downsample[0], dt = g.downsample[t];
-    const int32_t level = cfg_.levels[t];
-    if (last - first == 1) {  // a lone window: read straight into the batch
-      const TowerPlacement p = place_tower(samples_.x[i0], samples_.y[i0], w, d0, dt, t == 0);
-      slide.read_rgb(p.x0, p.y0, level, w, w, b.images.data() + (first * towers + t) * tower_bytes, w * 3);
-      continue;
-    }
-    // One strip covering the run's windows on this tower (same row, exact downsample: each window is
-    // the strip's columns [lx - strip_lx, +w), the same pixels a read of its own would give).
-    const TowerPlacement a = place_tower(samples_.x[i0], samples_.y[i0], w, d0, dt, t == 0);
-    const int64_t il = b.sample_index[last - 1];
-    const TowerPlacement z = place_tower(samples_.x[il], samples_.y[il], w, d0, dt, t == 0);
-    const int64_t strip_w = z.lx + w - a.lx;
-    strip.resize(static_cast<size_t>(strip_w * w * 3));
-    slide.read_rgb(a.x0, a.y0, level, strip_w, w, strip.data(), strip_w * 3);
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t i = b.sample_index[k];
-      const TowerPlacement p = place_tower(samples_.x[i], samples_.y[i], w, d0, dt, t == 0);
-      uint8_t* dst = b.images.data() + (k * towers + t) * tower_bytes;
-      const uint8_t* src = strip.data() + (p.lx - a.lx) * 3;
-      for (int64_t r = 0; r < w; ++r) std::memcpy(dst + r * w * 3, src + r * strip_w * 3, w * 3);
+  for (size_t t = 0; t < cfg_.levels.size(); ++t) {
+    const TowerPlacement p = place_tower(samples_.x[i], samples_.y[i], w, g.downsample[0], g.downsample[t], t == 0);
+    uint8_t* dst = b.images.data() + (k * b.towers + static_cast<int64_t>(t)) * w * w * 3;
+    if (g.blocks) {
+      assemble(s, t, p.lx, p.ly, dst);
+    } else {
+      slides_[s]->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
     }
   }
+}
+
+namespace {
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+}  // namespace
+
+void Loader::assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const {
+  constexpr int64_t B = BlockCache::kSize;
+  const int64_t w = cfg_.window;
+  const int32_t level = cfg_.levels[t];
+  const double dt = geometry_[s].downsample[t];
+  const Slide& slide = *slides_[s];
+  for (int64_t by = floor_div(ly, B); by <= floor_div(ly + w - 1, B); ++by) {
+    for (int64_t bx = floor_div(lx, B); bx <= floor_div(lx + w - 1, B); ++bx) {
+      auto block = blocks_->get({s, level, bx, by}, [&](uint8_t* d) {
+        // Integral downsample: level pixel (bx * B) sits exactly at level-0 bx * B * dt.
+        slide.read_rgb(std::llround(static_cast<double>(bx * B) * dt), std::llround(static_cast<double>(by * B) * dt),
+                       level, B, B, d, B * 3);
+      });
+      const int64_t x_lo = std::max(lx, bx * B), x_hi = std::min(lx + w, (bx + 1) * B);
+      const int64_t y_lo = std::max(ly, by * B), y_hi = std::min(ly + w, (by + 1) * B);
+      for (int64_t y = y_lo; y < y_hi; ++y) {
+        std::memcpy(dst + ((y - ly) * w + (x_lo - lx)) * 3, block->data() + ((y - by * B) * B + (x_lo - bx * B)) * 3,
+                    static_cast<size_t>((x_hi - x_lo) * 3));
+      }
+    }
+  }
+}
+
+void Loader::choose_block_policy() {
+  // Blocks need integral downsamples. In grid order they always pay (neighbouring windows share
+  // blocks while they are hot); in random order only when every block the epoch can touch fits, or
+  // the LRU would thrash and read 256x256 blocks for one 80x80 window.
+  if (!blocks_) return;
+  const bool random_access = cfg_.shuffle || cfg_.balanced;
+  size_t working_set = 0;
+  if (random_access) {
+    constexpr int64_t B = BlockCache::kSize;
+    const size_t n_slides = slides_.size(), towers = cfg_.levels.size();
+    std::vector<int64_t> lo_x(n_slides * towers, INT64_MAX), lo_y(lo_x), hi_x(n_slides * towers, INT64_MIN), hi_y(hi_x);
+    for (int64_t i = 0; i < samples_.size(); ++i) {
+      const int32_t s = samples_.slide[i];
+      const SlideGeometry& g = geometry_[s];
+      for (size_t t = 0; t < towers; ++t) {
+        const TowerPlacement p = place_tower(samples_.x[i], samples_.y[i], cfg_.window, g.downsample[0], g.downsample[t], t == 0);
+        const size_t j = s * towers + t;
+        lo_x[j] = std::min(lo_x[j], p.lx), lo_y[j] = std::min(lo_y[j], p.ly);
+        hi_x[j] = std::max(hi_x[j], p.lx + cfg_.window), hi_y[j] = std::max(hi_y[j], p.ly + cfg_.window);
+      }
+    }
+    for (size_t j = 0; j < lo_x.size(); ++j) {  // bounding box of each (slide, tower), in blocks
+      if (lo_x[j] > hi_x[j]) continue;
+      const int64_t nx = floor_div(hi_x[j] - 1, B) - floor_div(lo_x[j], B) + 1;
+      const int64_t ny = floor_div(hi_y[j] - 1, B) - floor_div(lo_y[j], B) + 1;
+      working_set += static_cast<size_t>(nx * ny) * BlockCache::block_bytes();
+    }
+  }
+  const bool fits = !random_access || working_set <= blocks_->capacity();
+  for (auto& g : geometry_) g.blocks = g.exact && fits;
 }
 
 bool Loader::wait(std::chrono::milliseconds timeout) {

@@ -38,6 +38,11 @@ class Loader:
     Iterating yields the rest of the current epoch; the next iteration starts the next epoch. Order
     and content depend only on (seed, epoch, position), not on `threads`. `get_state()` /
     `set_state()` save and restore the position for checkpoints.
+
+    `cache_mb` bounds the RGB block cache the workers share: windows are assembled from 256x256
+    blocks read once through OpenSlide (slides with integral downsamples; in shuffled order only when
+    all blocks the epoch can touch fit, else one read per window). OpenSlide's own tile cache is
+    32 MB, shared by the loader's slides.
     """
 
     def __init__(
@@ -55,7 +60,7 @@ class Loader:
         seed: int = 0,
         tissue_threshold: float | None = DEFAULT_TISSUE_THRESHOLD,
         drop_last: bool = False,
-        cache_mb: int = 256,
+        cache_mb: int = 512,
     ):
         threads = default_threads() if threads is None else int(threads)
         if threads < 1:

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "wsitile/block_cache.hpp"
 #include "wsitile/slide.hpp"
 
 namespace wsitile {
@@ -33,7 +34,8 @@ struct LoaderConfig {
   bool balanced = false;  // tumour:normal drawn 1:1 (Liu et al.)
   bool drop_last = false;
   uint64_t seed = 0;
-  size_t cache_bytes = size_t{256} << 20;  // one OpenSlide tile cache shared by all slides
+  size_t cache_bytes = size_t{512} << 20;       // RGB block cache shared by all slides (0: off)
+  size_t tile_cache_bytes = size_t{32} << 20;   // OpenSlide's decoded-tile cache, shared by all slides
 };
 
 // The grid over all slides, one row per window.
@@ -74,6 +76,8 @@ class Loader {
   Loader& operator=(const Loader&) = delete;
 
   int64_t num_samples() const { return samples_.size(); }
+  size_t cache_bytes_used() const { return blocks_ ? blocks_->bytes() : 0; }
+  bool uses_block_cache(int32_t slide) const { return geometry_.at(slide).blocks; }
   int64_t batches_per_epoch() const;
   const LoaderConfig& config() const { return cfg_; }
   LoaderState state() const;
@@ -91,14 +95,17 @@ class Loader {
   struct Pending;
   struct SlideGeometry {
     std::vector<double> downsample;  // per tower
-    bool exact = true;               // integral downsamples: strips can be cut into windows exactly
+    bool exact = true;    // integral downsamples: windows can be assembled from blocks exactly
+    bool blocks = false;  // windows come from the block cache (else: one read_region per window)
   };
 
   void start_epoch_locked();
   void fill_pipeline_locked();
   void drop_pipeline_locked();
   void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
-  void extract_run(Batch& b, int64_t first, int64_t last) const;
+  void extract_sample(Batch& b, int64_t k) const;
+  void assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const;
+  void choose_block_policy();
   void worker_loop();
   int64_t epoch_end() const;
 
@@ -107,6 +114,7 @@ class Loader {
   std::vector<std::unique_ptr<Slide>> slides_;
   std::vector<SlideGeometry> geometry_;
   std::shared_ptr<TileCache> cache_;
+  std::unique_ptr<BlockCache> blocks_;
   std::vector<int64_t> class_members_[2];
   int64_t chunk_ = 1;
   size_t prefetch_ = 2;

@@ -1,0 +1,140 @@
+"""Extraction throughput on a 16,384 px synthetic slide: wsitile against the Python pipeline a user
+would write (openslide-python read_region per window and tower + NumPy labels), in one run.
+
+Setting (issue 2): levels (2, 3), window 80, centre 50, stride 80, tissue filter off, the file in the
+OS page cache. Each round is one epoch (2,601 window pairs). "cold" = a new loader per round (empty
+block cache: every pixel goes through OpenSlide once), "warm" = the steady state of later epochs.
+Both pipelines get the same memory: OpenSlide tile cache of 512 MB for Python, a 512 MB block cache
+(+ 32 MB tile cache) for wsitile.
+
+    pytest benchmarks/test_extract_throughput.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import time
+
+import imagecodecs
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+import wsitile
+
+from .conftest import RATES
+
+LEVELS, WINDOW, CENTER, STRIDE = (2, 3), 80, 50, 80
+CACHE = 512 << 20
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def grid(bench_slide):
+    return wsitile.build_grid(bench_slide["slide"], bench_slide["mask"], levels=LEVELS, window=WINDOW,
+                              center=CENTER, stride=STRIDE, tissue_threshold=None)
+
+
+def python_pipeline(path: str, mask_lb: np.ndarray, xy: np.ndarray, order: np.ndarray, osr) -> int:
+    """The straightforward loader: two read_region calls per window and a NumPy centre label."""
+    d = osr.level_downsamples
+    o = (WINDOW - CENTER) // 2
+    tumour = 0
+    for k in order:
+        x, y = int(xy[k, 0]), int(xy[k, 1])
+        t0 = np.asarray(osr.read_region((round(x * d[2]), round(y * d[2])), 2, (WINDOW, WINDOW)))[..., :3]
+        cx, cy = (x + WINDOW / 2) * d[2], (y + WINDOW / 2) * d[2]
+        tx, ty = int(np.floor(cx / d[3] - WINDOW / 2)), int(np.floor(cy / d[3] - WINDOW / 2))
+        t1 = np.asarray(osr.read_region((round(tx * d[3]), round(ty * d[3])), 3, (WINDOW, WINDOW)))[..., :3]
+        pair = np.stack([t0, t1])
+        tumour += int(mask_lb[y + o : y + o + CENTER, x + o : x + o + CENTER].any())
+    assert pair.shape == (2, WINDOW, WINDOW, 3)
+    return tumour
+
+
+def record(benchmark, name: str, n: int) -> None:
+    rate = n / benchmark.stats.stats.median
+    RATES[name] = rate
+    benchmark.extra_info["samples_per_s"] = rate
+
+
+@pytest.mark.parametrize("order", ["grid", "shuffled"])
+def test_python_pipeline(benchmark, bench_slide, grid, order):
+    osr = openslide.OpenSlide(str(bench_slide["slide"]))
+    osr.set_cache(openslide.OpenSlideCache(CACHE))
+    level0 = tifffile.imread(bench_slide["mask"], key=0) > 0
+    d = int(osr.level_downsamples[2])
+    mask_lb = level0.reshape(level0.shape[0] // d, d, level0.shape[1] // d, d).max(axis=(1, 3))
+    idx = np.arange(len(grid)) if order == "grid" else np.random.default_rng(0).permutation(len(grid))
+    python_pipeline(str(bench_slide["slide"]), mask_lb, grid.xy, idx, osr)  # warm the tile cache
+    tumour = benchmark.pedantic(python_pipeline, args=(str(bench_slide["slide"]), mask_lb, grid.xy, idx, osr),
+                                rounds=ROUNDS, iterations=1)
+    assert tumour == int(grid.labels.sum()) > 0  # the baseline labels what wsitile labels
+    record(benchmark, f"python {order}", len(grid))
+
+
+def epoch(loader) -> int:
+    n = 0
+    for batch in loader:
+        n += len(batch["labels"])
+    return n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("cache", ["cold", "warm", "none"])
+def test_wsitile_loader(benchmark, bench_slide, grid, threads, shuffle, cache):
+    if cache == "none" and not shuffle:
+        pytest.skip("grid order always uses the block cache")
+
+    def make():
+        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
+                              tissue_threshold=None, cache_mb=0 if cache == "none" else CACHE >> 20)
+
+    if cache == "cold":
+        n = benchmark.pedantic(epoch, setup=lambda: ((make(),), {}), rounds=ROUNDS, iterations=1)
+    else:
+        loader = make()
+        epoch(loader)
+        n = benchmark.pedantic(epoch, args=(loader,), rounds=ROUNDS, iterations=1)
+    assert n == len(grid)
+    order = "shuffled" if shuffle else "grid"
+    label = {"cold": "cold cache", "warm": "warm cache", "none": "no block cache"}[cache]
+    record(benchmark, f"wsitile {order} {threads} thread{'s' if threads > 1 else ''} ({label})", n)
+
+
+def test_jpeg_decode_ceiling(benchmark, bench_slide, grid):
+    """Decoding every JPEG tile of levels 2 and 3 once (what one epoch needs), on one core."""
+    tiles = []
+    with tifffile.TiffFile(bench_slide["slide"]) as tif:
+        fh = tif.filehandle
+        for level in LEVELS:
+            page = tif.pages[level]
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                fh.seek(offset)
+                tiles.append((fh.read(count), page.jpegtables))
+
+    def decode():
+        return sum(imagecodecs.jpeg8_decode(data, tables=tables).shape[0] for data, tables in tiles)
+
+    benchmark.pedantic(decode, rounds=ROUNDS, iterations=1)
+    record(benchmark, "JPEG decode ceiling, 1 core", len(grid))
+
+
+def test_openslide_read_ceiling(benchmark, bench_slide, grid):
+    """Reading levels 2 and 3 once through OpenSlide in tile-aligned 256 px blocks, on one core."""
+    osr = openslide.OpenSlide(str(bench_slide["slide"]))
+
+    def read():
+        for level in LEVELS:
+            w, h = osr.level_dimensions[level]
+            d = int(osr.level_downsamples[level])
+            for y in range(0, h, 256):
+                for x in range(0, w, 256):
+                    osr.read_region((x * d, y * d), level, (256, 256))
+
+    start = time.perf_counter()
+    benchmark.pedantic(read, rounds=ROUNDS, iterations=1)
+    assert time.perf_counter() > start
+    record(benchmark, "OpenSlide read_region ceiling, 1 core", len(grid))

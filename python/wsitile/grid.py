@@ -74,20 +74,41 @@ def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stri
     return levels
 
 
-def tissue_fraction(slide: Slide, base_level: int, window: int, xy: np.ndarray) -> np.ndarray:
-    """Fraction of each window's area on tissue, from the tissue mask of a low-resolution level."""
+def tissue_windows(
+    slide: Slide, base_level: int, window: int, stride: int, grid_shape: tuple[int, int], threshold: float
+) -> np.ndarray:
+    """Level-Lb top-lefts of the windows with at least `threshold` of their area on tissue.
+
+    The tissue mask comes from a low-resolution level; its integral image gives each window's
+    tissue fraction. Only grid rows whose band holds tissue are visited, so the cost follows the
+    tissue, not the slide's area.
+    """
     level = tissue_level(slide, base_level, window)
     mask = tissue_mask(slide, level)
-    scale = slide.level_downsamples[base_level] / slide.level_downsamples[level]
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    scale = slide.level_downsamples[base_level] / slide.level_downsamples[level]  # level-Lb px -> mask px
+    height, width = mask.shape
+    integral = np.zeros((height + 1, width + 1), dtype=np.int64)
     integral[1:, 1:] = mask.cumsum(0).cumsum(1)
-    lo = np.floor(xy * scale).astype(np.int64)
-    hi = np.maximum(np.ceil((xy + window) * scale).astype(np.int64), lo + 1)
-    lo = np.clip(lo, 0, [mask.shape[1], mask.shape[0]])
-    hi = np.clip(hi, lo, [mask.shape[1], mask.shape[0]])
-    area = np.maximum((hi - lo).prod(axis=1), 1)
-    total = integral[hi[:, 1], hi[:, 0]] - integral[lo[:, 1], hi[:, 0]] - integral[hi[:, 1], lo[:, 0]] + integral[lo[:, 1], lo[:, 0]]
-    return total / area
+    rows, cols = grid_shape
+
+    def span(start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.floor(start * scale).astype(np.int64)
+        hi = np.maximum(np.ceil((start + window) * scale).astype(np.int64), lo + 1)
+        return lo, hi
+
+    y_lo, y_hi = span(np.arange(rows, dtype=np.int64) * stride)
+    y_lo, y_hi = np.clip(y_lo, 0, height), np.clip(y_hi, 0, height)
+    band = integral[y_hi, -1] - integral[y_lo, -1]  # tissue pixels in each row's band
+    x_lo, x_hi = span(np.arange(cols, dtype=np.int64) * stride)
+    x_lo, x_hi = np.clip(x_lo, 0, width), np.clip(x_hi, 0, width)
+    kept = []
+    for j in np.flatnonzero(band > 0):
+        a, b = y_lo[j], y_hi[j]
+        total = integral[b, x_hi] - integral[a, x_hi] - integral[b, x_lo] + integral[a, x_lo]
+        area = np.maximum((x_hi - x_lo) * (b - a), 1)
+        i = np.flatnonzero(total >= threshold * area)
+        kept.append(np.stack([i * stride, np.full_like(i, j * stride)], axis=1))
+    return np.concatenate(kept) if kept else np.zeros((0, 2), dtype=np.int64)
 
 
 def centre_rects(xy: np.ndarray, window: int, center: int, d0: float) -> np.ndarray:
@@ -127,8 +148,8 @@ def build_grid(
 ) -> Grid:
     """The windows of `slide` (optionally only those on tissue) with their centre labels from `mask`.
 
-    The full grid is only ever a boolean per window position (cheap: one per stride x stride cell);
-    pixels are read from a low-resolution level for tissue and from the mask only for kept windows.
+    With the tissue filter only rows of the grid that cross tissue are visited; pixels are read from a
+    low-resolution level for tissue and from the mask only for the kept windows' centres.
     """
     if not isinstance(slide, Slide):
         slide = Slide(slide)
@@ -139,10 +160,11 @@ def build_grid(
     base = levels[0]
     width, height = slide.level_dimensions[base]
     cols, rows = (width - window) // stride + 1, (height - window) // stride + 1
-    jj, ii = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)  # rows by y, then x
-    xy = np.stack([ii * stride, jj * stride], axis=1)
     if tissue_threshold is not None and tissue_threshold > 0:
-        xy = xy[tissue_fraction(slide, base, window, xy) >= tissue_threshold]
+        xy = tissue_windows(slide, base, window, stride, (rows, cols), float(tissue_threshold))
+    else:
+        jj, ii = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)  # rows by y, then x
+        xy = np.stack([ii * stride, jj * stride], axis=1)
     d0 = slide.level_downsamples[base]
     labels = label_windows(slide, mask, centre_rects(xy, window, center, d0), threads)
     return Grid(

@@ -208,11 +208,28 @@ def test_pixels_two_slides_and_single_tower(tumour, normal_slide, osr_tumour, os
 
 def test_strips_with_overlapping_windows(tumour, osr_tumour):
     """Stride < window in grid order (adjacent windows share pixels in one strip read)."""
-    loader = wsitile.Loader([tumour], levels=(2, 4), window=80, center=50, stride=30, batch_size=100,
+    loader = wsitile.Loader([(tumour[0], None)], levels=(2, 4), window=80, center=50, stride=30, batch_size=100,
                             shuffle=False, tissue_threshold=None, threads=2)
     batches = take(loader, 2)
     rows = [(bi, k) for bi in range(2) for k in range(0, 100, 3)]
     assert check_pixels(loader, batches, [osr_tumour], rows) == 68
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["grid-order", "shuffled"])
+def test_cache_size_does_not_change_pixels(tumour, normal_slide, osr_tumour, osr_normal, shuffle):
+    """No block cache (0), a tiny one that thrashes and evicts blocks in use (1 MB; in shuffled order
+    it is too small, so windows are read one by one) and the default: identical batches, any thread
+    count, and the pixels are OpenSlide's."""
+    slides = [tumour, (normal_slide, None)]
+    kwargs = dict(levels=(2, 3), window=80, center=50, stride=60, tissue_threshold=None, shuffle=shuffle,
+                  batch_size=64, seed=8)
+    reference = take(wsitile.Loader(slides, threads=1, **kwargs), 6)
+    for cache_mb, threads in ((0, 2), (1, 1), (1, 3)):
+        loader = wsitile.Loader(slides, threads=threads, cache_mb=cache_mb, **kwargs)
+        got = take(loader, 6)
+        assert_batches_equal(got, reference)
+    rows = [(bi, k) for bi in range(6) for k in range(0, 64, 8)]
+    assert check_pixels(loader, got, [osr_tumour, osr_normal], rows) == 48
 
 
 # ---- epochs, order, shuffling -------------------------------------------------------------------
@@ -629,3 +646,9 @@ def test_inexact_downsamples_pixels(inexact_slide, shuffle):
                 checked += 1
     assert checked > 100
     osr.close()
+
+
+@pytest.mark.parametrize("name, value", [("batch_size", 2.5), ("threads", 1.5), ("seed", "0"), ("cache_mb", True)])
+def test_non_integer_arguments_are_rejected(tumour_slide, name, value):
+    with pytest.raises(TypeError, match=name):
+        wsitile.Loader([(tumour_slide["slide"], None)], **{name: value})

@@ -62,6 +62,9 @@ class Loader:
         drop_last: bool = False,
         cache_mb: int = 512,
     ):
+        for name, value in (("batch_size", batch_size), ("threads", threads), ("seed", seed), ("cache_mb", cache_mb)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise TypeError(f"{name} {value!r}: must be an integer")
         threads = default_threads() if threads is None else int(threads)
         if threads < 1:
             raise ValueError(f"threads {threads}: must be >= 1")

@@ -20,6 +20,9 @@ RATIOS = [
     ("wsitile grid 2 threads (cold cache)", "wsitile grid 1 thread (cold cache)"),
     ("wsitile shuffled 2 threads (no block cache)", "wsitile shuffled 1 thread (no block cache)"),
     ("wsitile shuffled 2 threads (warm cache)", "wsitile shuffled 1 thread (warm cache)"),
+    ("wsitile grid 1 thread augmented (cold cache)", "wsitile grid 1 thread (cold cache)"),
+    ("wsitile grid 1 thread augmented (warm cache)", "wsitile grid 1 thread (warm cache)"),
+    ("wsitile grid 2 threads augmented (warm cache)", "wsitile grid 1 thread augmented (warm cache)"),
     ("wsitile grid 1 thread (cold cache)", "JPEG decode ceiling, 1 core"),
     ("python grid", "OpenSlide read_region ceiling, 1 core"),
 ]

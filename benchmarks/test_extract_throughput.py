@@ -138,3 +138,23 @@ def test_openslide_read_ceiling(benchmark, bench_slide, grid):
     benchmark.pedantic(read, rounds=ROUNDS, iterations=1)
     assert time.perf_counter() > start
     record(benchmark, "OpenSlide read_region ceiling, 1 core", len(grid))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_wsitile_loader_augmented(benchmark, bench_slide, grid, threads, cache):
+    """Grid order with the fused augmentation (seed ranges, uint8 out) against plain extraction."""
+
+    def make():
+        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=False,
+                              tissue_threshold=None, cache_mb=CACHE >> 20, augment=True)
+
+    if cache == "cold":
+        n = benchmark.pedantic(epoch, setup=lambda: ((make(),), {}), rounds=ROUNDS, iterations=1)
+    else:
+        loader = make()
+        epoch(loader)
+        n = benchmark.pedantic(epoch, args=(loader,), rounds=ROUNDS, iterations=1)
+    assert n == len(grid)
+    record(benchmark, f"wsitile grid {threads} thread{'s' if threads > 1 else ''} augmented ({cache} cache)", n)

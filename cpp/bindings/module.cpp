@@ -7,6 +7,7 @@ namespace py = pybind11;
 
 void register_slide(py::module_& m);
 void register_loader(py::module_& m);
+void register_augment(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "wsitile's C++ engine (use the wsitile package, not this module)";
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_core, m) {
   });
   register_slide(m);
   register_loader(m);
+  register_augment(m);
 }

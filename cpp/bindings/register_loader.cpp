@@ -4,6 +4,7 @@
 
 #include <chrono>
 
+#include "convert.hpp"
 #include "numpy_owner.hpp"
 #include "wsitile/loader.hpp"
 
@@ -12,19 +13,17 @@ using wsitile::bindings::to_numpy;
 
 namespace {
 
-template <typename T>
-std::vector<T> column(const py::array& a, const char* name, py::ssize_t n) {
-  auto arr = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
-  if (!arr || arr.ndim() != 1 || arr.shape(0) != n) {
-    throw std::invalid_argument(std::string(name) + " must be a 1-d array of length " + std::to_string(n));
-  }
-  return std::vector<T>(arr.data(), arr.data() + n);
-}
-
 py::dict batch_to_dict(wsitile::Batch&& b) {
   const py::ssize_t n = b.size;
+  const std::vector<py::ssize_t> shape{n, b.towers, b.window, b.window, 3};
   py::dict d;
-  d["images"] = to_numpy(std::move(b.images), {n, b.towers, b.window, b.window, 3});
+  if (b.dtype == wsitile::OutDtype::kUint8) {
+    d["images"] = to_numpy(std::move(b.images), shape);
+  } else {  // float32 bytes: the array views the moved vector, which its capsule owns
+    auto* owned = new std::vector<uint8_t>(std::move(b.images));
+    py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
+    d["images"] = py::array_t<float>(shape, reinterpret_cast<float*>(owned->data()), owner);
+  }
   d["labels"] = to_numpy(std::move(b.labels), {n});
   d["coords"] = to_numpy(std::move(b.coords), {n, 2});
   d["slide_index"] = to_numpy(std::move(b.slide_index), {n});
@@ -39,13 +38,14 @@ void register_loader(py::module_& m) {
       .def(py::init([](const std::vector<std::string>& slides, const py::array& slide_index, const py::array& x,
                        const py::array& y, const py::array& labels, const std::vector<int32_t>& levels,
                        int64_t window, int64_t batch_size, int threads, bool shuffle, bool balanced,
-                       bool drop_last, uint64_t seed, size_t cache_bytes) {
+                       bool drop_last, uint64_t seed, size_t cache_bytes, std::optional<py::tuple> augment,
+                       const std::string& out_dtype) {
              const py::ssize_t n = slide_index.size();
              wsitile::SampleTable t;
-             t.slide = column<int32_t>(slide_index, "slide_index", n);
-             t.x = column<int64_t>(x, "x", n);
-             t.y = column<int64_t>(y, "y", n);
-             t.label = column<uint8_t>(labels, "labels", n);
+             t.slide = wsitile_py::column<int32_t>(slide_index, "slide_index", n);
+             t.x = wsitile_py::column<int64_t>(x, "x", n);
+             t.y = wsitile_py::column<int64_t>(y, "y", n);
+             t.label = wsitile_py::column<uint8_t>(labels, "labels", n);
              wsitile::LoaderConfig cfg;
              cfg.levels = levels;
              cfg.window = window;
@@ -56,12 +56,28 @@ void register_loader(py::module_& m) {
              cfg.drop_last = drop_last;
              cfg.seed = seed;
              cfg.cache_bytes = cache_bytes;
+             cfg.out_dtype = wsitile_py::parse_out_dtype(out_dtype);
+             if (augment) {  // (orientation, colour, brightness, saturation_lo/hi, hue, contrast_lo/hi)
+               const py::tuple& a = *augment;
+               if (a.size() != 8) throw std::invalid_argument("augment: expected 8 fields");
+               wsitile::AugmentConfig ac;
+               ac.orientation = a[0].cast<bool>();
+               ac.colour = a[1].cast<bool>();
+               ac.brightness = a[2].cast<float>();
+               ac.saturation_lo = a[3].cast<float>();
+               ac.saturation_hi = a[4].cast<float>();
+               ac.hue = a[5].cast<float>();
+               ac.contrast_lo = a[6].cast<float>();
+               ac.contrast_hi = a[7].cast<float>();
+               cfg.augment = ac;
+             }
              py::gil_scoped_release release;  // opening slides touches no Python object
              return std::make_unique<wsitile::Loader>(slides, std::move(t), cfg);
            }),
            py::arg("slides"), py::arg("slide_index"), py::arg("x"), py::arg("y"), py::arg("labels"),
            py::arg("levels"), py::arg("window"), py::arg("batch_size"), py::arg("threads"), py::arg("shuffle"),
-           py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"))
+           py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"),
+           py::arg("augment") = py::none(), py::arg("out_dtype") = "uint8")
       .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
       .def_property_readonly("cache_bytes_used", &wsitile::Loader::cache_bytes_used)
       .def("uses_block_cache", &wsitile::Loader::uses_block_cache, py::arg("slide"))

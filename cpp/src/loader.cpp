@@ -13,6 +13,7 @@
 namespace wsitile {
 
 struct Loader::Pending {
+  uint64_t seed = 0;
   int64_t epoch = 0, start = 0;
   std::shared_ptr<const std::vector<int64_t>> order;
   Batch batch;
@@ -174,6 +175,7 @@ void Loader::fill_pipeline_locked() {
   const int64_t end = epoch_end();
   while (pending_.size() < prefetch_ && scheduled_ < end && !stopping_) {
     auto p = std::make_shared<Pending>();
+    p->seed = state_.seed;
     p->epoch = state_.epoch;
     p->start = scheduled_;
     p->order = order_;
@@ -182,7 +184,8 @@ void Loader::fill_pipeline_locked() {
     b.size = size;
     b.towers = static_cast<int64_t>(cfg_.levels.size());
     b.window = cfg_.window;
-    b.images.resize(static_cast<size_t>(size * b.towers * b.window * b.window * 3));
+    b.dtype = cfg_.out_dtype;
+    b.images.resize(static_cast<size_t>(size * b.towers * b.window * b.window * 3 * out_itemsize(b.dtype)));
     b.labels.resize(size);
     b.coords.resize(2 * size);
     b.slide_index.resize(size);
@@ -225,7 +228,7 @@ void Loader::worker_loop() {
 void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end) {
   std::exception_ptr error;
   try {
-    for (int64_t k = begin; k < end && !stopping_; ++k) extract_sample(p->batch, k);
+    for (int64_t k = begin; k < end && !stopping_; ++k) extract_sample(*p, k);
   } catch (...) {
     error = std::current_exception();
   }
@@ -234,18 +237,40 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
   if (--p->remaining == 0) done_cv_.notify_all();
 }
 
-void Loader::extract_sample(Batch& b, int64_t k) const {
+void Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst) const {
   const int64_t w = cfg_.window;
+  const SlideGeometry& g = geometry_[s];
+  const TowerPlacement p = place_tower(x, y, w, g.downsample[0], g.downsample[t], t == 0);
+  if (g.blocks) {
+    assemble(s, t, p.lx, p.ly, dst);
+  } else {
+    slides_[s]->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
+  }
+}
+
+void Loader::extract_sample(Pending& pending, int64_t k) {
+  // Each chunk writes only its own samples' slots of `pending.batch`.
+  Batch& b = pending.batch;
+  const int64_t w = cfg_.window, pixels = w * w * 3;
   const int64_t i = b.sample_index[k];
   const int32_t s = samples_.slide[i];
-  const SlideGeometry& g = geometry_[s];
+  const bool plain = !cfg_.augment && b.dtype == OutDtype::kUint8;
+  AugmentParams params;  // identity unless augmenting
+  if (cfg_.augment) {
+    // Keyed by the position in the epoch, so a window drawn twice (balanced sampling) is augmented
+    // independently, and nothing depends on threads or batch boundaries.
+    params = draw_params(*cfg_.augment, pending.seed, static_cast<uint64_t>(pending.epoch),
+                         static_cast<uint64_t>(pending.start + k));
+  }
+  thread_local std::vector<uint8_t> window;
   for (size_t t = 0; t < cfg_.levels.size(); ++t) {
-    const TowerPlacement p = place_tower(samples_.x[i], samples_.y[i], w, g.downsample[0], g.downsample[t], t == 0);
-    uint8_t* dst = b.images.data() + (k * b.towers + static_cast<int64_t>(t)) * w * w * 3;
-    if (g.blocks) {
-      assemble(s, t, p.lx, p.ly, dst);
+    uint8_t* dst = b.images.data() + (k * b.towers + static_cast<int64_t>(t)) * pixels * out_itemsize(b.dtype);
+    if (plain) {
+      cut_window(s, t, samples_.x[i], samples_.y[i], dst);
     } else {
-      slides_[s]->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
+      window.resize(static_cast<size_t>(pixels));
+      cut_window(s, t, samples_.x[i], samples_.y[i], window.data());
+      augment_image(window.data(), w, params, b.dtype, dst);  // both towers share `params`
     }
   }
 }

@@ -7,6 +7,7 @@ training code. Nothing here imports JAX: the model lives in `wsitile.models` (ex
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .augment import AugmentConfig, augment_batch
 from .grid import Grid, build_grid
 from .loader import Loader
 from .slide import Slide
@@ -16,4 +17,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Grid", "Loader", "Slide", "__version__", "build_grid"]
+__all__ = ["AugmentConfig", "Grid", "Loader", "Slide", "__version__", "augment_batch", "build_grid"]

@@ -7,7 +7,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from dataclasses import astuple
+
 from . import _core
+from .augment import AugmentConfig
 from .grid import (
     DEFAULT_CENTER,
     DEFAULT_LEVELS,
@@ -35,6 +38,11 @@ class Loader:
     - ``slide_index`` int32 (B,), the slide's position in `slides`;
     - ``sample_index`` int64 (B,), the window's row in `samples` (the concatenated grids).
 
+    `augment` (True for the seed's ranges, or an `AugmentConfig`) applies the random orientation and
+    colour jitter inside the workers, in the same pass that cuts the windows; a sample's parameters
+    depend only on (seed, epoch, position in the epoch) and both towers share them. `out_dtype` is
+    "uint8" (default, for host-to-device traffic), "float32" ([0, 1]) or "inception" ([-1, 1]).
+
     Iterating yields the rest of the current epoch; the next iteration starts the next epoch. Order
     and content depend only on (seed, epoch, position), not on `threads`. `get_state()` /
     `set_state()` save and restore the position for checkpoints.
@@ -61,6 +69,8 @@ class Loader:
         tissue_threshold: float | None = DEFAULT_TISSUE_THRESHOLD,
         drop_last: bool = False,
         cache_mb: int = 512,
+        augment: "bool | AugmentConfig" = False,
+        out_dtype: str = "uint8",
     ):
         for name, value in (("batch_size", batch_size), ("threads", threads), ("seed", seed), ("cache_mb", cache_mb)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
@@ -99,6 +109,14 @@ class Loader:
         self.levels = tuple(int(lvl) for lvl in levels)
         self.window, self.center, self.stride = int(window), int(center), int(stride)
         self.batch_size = int(batch_size)
+        if augment is True:
+            augment = AugmentConfig()
+        if augment is not False and augment is not None and not isinstance(augment, AugmentConfig):
+            raise TypeError(f"augment {augment!r}: expected a bool or a wsitile.AugmentConfig")
+        self.augment = augment or None
+        if out_dtype not in ("uint8", "float32", "inception"):
+            raise ValueError(f"out_dtype {out_dtype!r}: expected 'uint8', 'float32' or 'inception'")
+        self.out_dtype = out_dtype
         xy = np.concatenate([g.xy for g in self.grids])
         self.slide_index = np.concatenate([np.full(len(g), i, dtype=np.int32) for i, g in enumerate(self.grids)])
         self.labels = np.concatenate([g.labels for g in self.grids])
@@ -118,6 +136,8 @@ class Loader:
             bool(drop_last),
             int(seed),
             int(cache_mb) * 1024 * 1024,
+            None if self.augment is None else astuple(self.augment),
+            out_dtype,
         )
 
     @property

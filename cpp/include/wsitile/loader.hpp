@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "wsitile/augment.hpp"
 #include "wsitile/block_cache.hpp"
 #include "wsitile/slide.hpp"
 
@@ -36,6 +37,9 @@ struct LoaderConfig {
   uint64_t seed = 0;
   size_t cache_bytes = size_t{512} << 20;       // RGB block cache shared by all slides (0: off)
   size_t tile_cache_bytes = size_t{32} << 20;   // OpenSlide's decoded-tile cache, shared by all slides
+  // Fused augmentation, applied by the worker right after it cuts a window (no extra batch pass).
+  std::optional<AugmentConfig> augment;
+  OutDtype out_dtype = OutDtype::kUint8;
 };
 
 // The grid over all slides, one row per window.
@@ -48,7 +52,8 @@ struct SampleTable {
 
 struct Batch {
   int64_t size = 0, towers = 0, window = 0;
-  std::vector<uint8_t> images;  // (size, towers, window, window, 3) RGB
+  OutDtype dtype = OutDtype::kUint8;
+  std::vector<uint8_t> images;  // (size, towers, window, window, 3) RGB of `dtype` (raw bytes)
   std::vector<uint8_t> labels;  // (size,)
   std::vector<int64_t> coords;  // (size, 2) level-0 (x, y) of tower 0's top-left
   std::vector<int32_t> slide_index;
@@ -103,7 +108,8 @@ class Loader {
   void fill_pipeline_locked();
   void drop_pipeline_locked();
   void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
-  void extract_sample(Batch& b, int64_t k) const;
+  void cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst) const;
+  void extract_sample(Pending& p, int64_t k);
   void assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const;
   void choose_block_policy();
   void worker_loop();

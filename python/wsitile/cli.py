@@ -1,4 +1,4 @@
-"""The `wsitile` command line: synth, extract, demo.
+"""The `wsitile` command line: synth, extract, train, predict, evaluate, froc, demo.
 
 Library code raises; this module turns an error into one line on stderr and a non-zero exit, and
 writes every output file through a temporary file and a rename, so a failed run leaves none behind.
@@ -56,11 +56,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--out", type=Path, required=True, help="output .npz")
 
-    p = sub.add_parser("demo", help="the end-to-end run on synthetic slides (for now: synth + extract)")
+    p = sub.add_parser("train", help="train the two-tower InceptionV3 on slides and tumour masks")
+    p.add_argument("data", type=Path, nargs="+", help="a `wsitile synth` folder (its manifest.csv), or slide files")
+    p.add_argument("--masks-dir", type=Path, default=None, help="<stem>_mask.tif / <stem>.xml (default: beside each slide)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, history, plots)")
+    _add_grid_args(p)
+    p.add_argument("--tissue-threshold", type=float, default=DEFAULT_TISSUE_THRESHOLD)
+    p.add_argument("--weights", type=Path, default=None, help="Keras ImageNet HDF5 (..._notop.h5); default: random init")
+    p.add_argument("--width", type=float, default=1.0, help="InceptionV3 width multiplier (0.25: small CPU model)")
+    p.add_argument("--fine-tune-from", type=int, default=None, help="Keras layer index from which layers train "
+                   "(default: 150 with --weights, else 0)")
+    p.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.002 with --weights, else 0.05)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--steps", type=_positive_int, default=None, help="stop at this optimiser step")
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--val-fraction", type=float, default=0.25, help="share of slides held out for validation")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+
+    p = sub.add_parser("predict", help="tumour-probability heatmap of one slide from a trained checkpoint")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a `wsitile train` run directory")
+    p.add_argument("--out", type=Path, required=True, help="folder for heatmap.npz and heatmap.png")
+    p.add_argument("--stride", type=_positive_int, default=None, help="grid step (default: the window)")
+    p.add_argument("--tta", action="store_true", help="average the 8 dihedral orientations")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("evaluate", help="window-level metrics of a heatmap against its tumour mask (seed table)")
+    p.add_argument("heatmap", type=Path, help="heatmap.npz written by `wsitile predict`")
+    p.add_argument("--mask", type=Path, required=True, help="tumour mask TIFF or ASAP XML of the heatmap's slide")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, roc.png, heatmap_vs_truth.png")
+    p.add_argument("--threads", type=int, default=None, help="labelling threads (default: available cores)")
+
+    p = sub.add_parser("froc", help="Camelyon16 lesion FROC and slide AUC of heatmaps, with the challenge's CSVs")
+    p.add_argument("heatmaps", type=Path, nargs="+", metavar="HEATMAP", help="heatmap.npz files, one per slide")
+    p.add_argument("--masks-dir", type=Path, required=True,
+                   help="folder of <slide stem>_mask.tif or <slide stem>.xml (a slide without one is normal)")
+    p.add_argument("--out", type=Path, required=True, help="folder for <slide stem>.csv, metrics.json, froc.png")
+    p.add_argument("--nms-radius", type=_non_negative_float, default=2.0, metavar="CELLS",
+                   help="non-maximum suppression radius in grid cells (default 2)")
+
+    p = sub.add_parser("demo", help="synthetic slides -> training -> heatmaps -> evaluation -> report")
     p.add_argument("--out", type=Path, default=Path("wsitile-demo"))
-    p.add_argument("--slides", type=int, default=3)
+    p.add_argument("--slides", type=int, default=6)
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seconds", type=float, default=240.0)
+    p.add_argument("--full", action="store_true", help="the full-width InceptionV3 (for a GPU)")
     p.add_argument("--threads", type=int, default=None)
     return parser
 
@@ -162,43 +209,112 @@ def cmd_extract(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {counts['windows']} windows, {counts['tumour']} tumour{rate}")
 
 
+def _need_train_extra(command: str) -> None:
+    try:
+        import flax, jax, optax, orbax.checkpoint  # noqa: F401, E401
+    except ImportError as exc:
+        raise RuntimeError(f"`wsitile {command}` needs the model stack: pip install 'wsitile[train]' ({exc})") from None
+
+
+def _training_slides(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    from .train import mask_for, read_manifest
+
+    if len(args.data) == 1 and args.data[0].is_dir():
+        train_items, _ = read_manifest(args.data[0])  # the manifest's test split stays unseen
+        return train_items
+    items = []
+    for slide in args.data:
+        if not slide.is_file():
+            raise FileNotFoundError(f"{slide}: no such slide")
+        mask = mask_for(slide, args.masks_dir or slide.parent)
+        items.append((str(slide), None if mask is None else str(mask)))
+    return items
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _need_train_extra("train")
+    import signal
+
+    from .train import TrainConfig, fit, split_by_slide
+
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    cfg = TrainConfig(
+        levels=tuple(args.levels), window=args.window, center=args.center, stride=args.stride,
+        tissue_threshold=args.tissue_threshold, width=args.width,
+        weights=None if args.weights is None else str(args.weights), fine_tune_from=args.fine_tune_from,
+        optimizer=args.optimizer, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+        augment=not args.no_augment, dtype=args.dtype,
+    )
+    slides = split_by_slide(_training_slides(args), args.val_fraction)
+    # SIGTERM (a cluster's scheduler) stops like Ctrl-C: the last complete checkpoint stays.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    history = fit(
+        cfg, slides, args.out, steps=args.steps, epochs=args.epochs, time_limit=args.time_limit,
+        resume=args.resume, threads=args.threads,
+    )
+    auc = f", validation AUC {history.val_auc[-1]:.4f}" if history.val_auc else ""
+    loss = f", loss {history.loss[-1]:.4f}" if history.loss else ""
+    print(f"wrote {args.out}: step {history.step[-1] if history.step else 0}{loss}{auc}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    _need_train_extra("predict")
+    from .predict import predict_slide
+
+    if not args.slide.is_file():
+        raise FileNotFoundError(f"{args.slide}: no such slide")
+    counts = predict_slide(
+        args.slide, args.checkpoint, args.out, stride=args.stride, tta=args.tta, batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    print(f"wrote {args.out / 'heatmap.npz'}: {counts['windows']:.0f} windows, {counts['rate']:.0f} windows/s")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    # Until the model lands (issue 4/5) the demo shows the engine: synthetic slides, then extraction.
-    import csv
+    _need_train_extra("demo")
+    from .demo import DemoConfig, run_demo, seed_table
 
-    from .synth import synth_dataset
-
-    slides_dir = args.out / "slides"
-    manifest = synth_dataset(slides_dir, args.slides, seed=args.seed, size=args.size)
-    windows_dir = args.out / "windows"
-    windows_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{'slide':<16}{'label':<8}{'split':<7}{'windows':>9}{'tumour':>8}{'windows/s':>11}")
-    with open(manifest, newline="") as fh:
-        for row in csv.DictReader(fh):
-            slide = slides_dir / row["slide"]
-            mask = slide.with_name(slide.stem + "_mask.tif") if row["label"] == "tumor" else None
-            counts = extract(
-                slide,
-                mask,
-                windows_dir / (slide.stem + ".npz"),
-                levels=DEFAULT_LEVELS,
-                window=DEFAULT_WINDOW,
-                center=DEFAULT_CENTER,
-                stride=DEFAULT_STRIDE,
-                tissue_threshold=DEFAULT_TISSUE_THRESHOLD,
-                save_images=True,
-                threads=args.threads,
-                quiet=True,
-            )
-            print(
-                f"{row['slide']:<16}{row['label']:<8}{row['split']:<7}{counts['windows']:>9}"
-                f"{counts['tumour']:>8}{counts['rate']:>11.0f}"
-            )
-    print(f"wrote {args.out}")
+    cfg = DemoConfig(out=args.out, slides=args.slides, size=args.size, seed=args.seed, full=args.full,
+                     train_seconds=args.train_seconds, threads=args.threads)
+    metrics = run_demo(cfg)
+    print(seed_table(metrics))
+    print(f"wrote {args.out} (report.md) in {metrics['seconds']:.0f} s")
 
 
-COMMANDS = {"synth": cmd_synth, "extract": cmd_extract, "demo": cmd_demo}
+COMMANDS = {
+    "synth": cmd_synth,
+    "extract": cmd_extract,
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "demo": cmd_demo,
+}
 
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
+    return value
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_heatmap, format_table
+
+    metrics = evaluate_heatmap(args.heatmap, args.mask, args.out, threads=args.threads)
+    print(format_table(metrics))
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'roc.png'}, {args.out / 'heatmap_vs_truth.png'}")
+
+
+def cmd_froc(args: argparse.Namespace) -> None:
+    from .froc import format_froc_table, run_froc
+
+    report = run_froc(args.heatmaps, args.masks_dir, args.out, nms_radius=args.nms_radius)
+    print(format_froc_table(report))
+    print(f"wrote {args.out} ({len(report.slides)} CSVs, metrics.json, froc.png)")
+
+
+COMMANDS.update(evaluate=cmd_evaluate, froc=cmd_froc)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -207,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"wsitile {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, FloatingPointError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the library said
         print(f"wsitile {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -179,18 +179,23 @@ def _make_tissue(rng: np.random.Generator, height: int, width: int):
 
 
 def _make_tumours(rng: np.random.Generator, inner: list[float], centres: list[tuple[float, float]], side: int):
-    """1-4 tumour polygons inside tissue discs; the first is small, the largest has a hole."""
-    count = int(rng.integers(1, 5))
+    """2-4 tumour polygons inside tissue discs: the first is small (an isolated-tumour-cell region by
+    Camelyon16's 275 um rule), the second is placed in the roomiest blob and made as large as it allows,
+    so a tumour slide of 8192 px or more usually holds a lesion the challenge's FROC counts; the largest
+    has a hole."""
+    count = int(rng.integers(2, 5))
     tumours: list[np.ndarray] = []
     radii: list[float] = []
     for i in range(count):
-        b = int(rng.integers(len(inner)))
+        b = int(np.argmax(inner)) if i == 1 else int(rng.integers(len(inner)))
         room = 0.75 * inner[b]  # tumour (with its roughness) must stay inside this disc
         if i == 0:
             radius = rng.uniform(60.0, 150.0)  # a few hundred pixels across
+        elif i == 1:
+            radius = rng.uniform(0.05, 0.08) * side
         else:
             radius = rng.uniform(0.015, 0.045) * side
-        radius = min(radius, room / 1.5)
+        radius = min(radius, room / (1.25 if i == 1 else 1.5))
         slack = max(room - 1.5 * radius, 0.0)
         ang, dist = rng.uniform(0, 2 * np.pi), slack * math.sqrt(rng.uniform())
         cx = centres[b][0] + dist * math.cos(ang) + rng.uniform(-0.5, 0.5)

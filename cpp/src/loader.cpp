@@ -80,13 +80,6 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
       throw std::invalid_argument(msg.str());
     }
   }
-  for (int64_t i = 0; i < n; ++i) {  // keeps all coordinate arithmetic far from int64 overflow
-    if (std::llabs(samples_.x[i]) > kMaxCoordinate || std::llabs(samples_.y[i]) > kMaxCoordinate) {
-      std::ostringstream msg;
-      msg << "sample " << i << ": coordinates (" << samples_.x[i] << ", " << samples_.y[i] << ") beyond +-2^40";
-      throw std::invalid_argument(msg.str());
-    }
-  }
   if (openslide_api().cache_create) cache_ = std::make_shared<TileCache>(cfg_.tile_cache_bytes);
   if (cfg_.cache_bytes >= BlockCache::block_bytes()) blocks_ = std::make_unique<BlockCache>(cfg_.cache_bytes);
   for (const auto& path : slide_paths) {
@@ -106,6 +99,18 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
     if (s < 0 || s >= static_cast<int32_t>(slides_.size())) {
       std::ostringstream msg;
       msg << "sample " << i << " names slide " << s << " but " << slides_.size() << " slides were given";
+      throw std::invalid_argument(msg.str());
+    }
+    // Every level-0 point a tower or its blocks can touch stays within +-2^40 (Slide::check_region),
+    // far from int64 overflow: (|x| + 2 window + one block) * the largest downsample.
+    double max_d = 1.0;
+    for (double d : geometry_[s].downsample) max_d = std::max(max_d, d);
+    const double reach = static_cast<double>(2 * cfg_.window + BlockCache::kSize) * max_d;
+    const double ax = std::fabs(static_cast<double>(samples_.x[i])), ay = std::fabs(static_cast<double>(samples_.y[i]));
+    if (std::max(ax, ay) * max_d + reach > static_cast<double>(kMaxCoordinate)) {
+      std::ostringstream msg;
+      msg << "sample " << i << ": level-" << cfg_.levels[0] << " coordinates (" << samples_.x[i] << ", " << samples_.y[i]
+          << ") put the windows beyond level-0 +-2^40";
       throw std::invalid_argument(msg.str());
     }
     class_members_[samples_.label[i] ? 1 : 0].push_back(i);

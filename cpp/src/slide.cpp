@@ -121,8 +121,23 @@ std::optional<std::string> Slide::property(const std::string& name) const {
   return std::string(v);
 }
 
+void Slide::check_region(int64_t x0, int64_t y0, int64_t w, int64_t h) {
+  constexpr int64_t kMaxCoordinate = int64_t{1} << 40, kMaxPixels = int64_t{1} << 32;
+  if (w < 1 || h < 1 || w > kMaxPixels || h > kMaxPixels || w * h > kMaxPixels) {
+    std::ostringstream msg;
+    msg << "region size " << w << "x" << h << " must be positive and at most 2^32 pixels";
+    throw std::invalid_argument(msg.str());
+  }
+  if (x0 < -kMaxCoordinate || x0 > kMaxCoordinate || y0 < -kMaxCoordinate || y0 > kMaxCoordinate) {
+    std::ostringstream msg;
+    msg << "region location (" << x0 << ", " << y0 << ") beyond +-2^40";
+    throw std::invalid_argument(msg.str());
+  }
+}
+
 void Slide::read_argb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint32_t* dest) const {
   level(lvl);  // range check
+  check_region(x0, y0, w, h);
   api_->read_region(osr_, dest, x0, y0, lvl, w, h);
   const char* err = api_->get_error(osr_);
   if (err) {
@@ -136,6 +151,7 @@ void Slide::read_argb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h,
 
 void Slide::read_rgb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint8_t* dest,
                      int64_t row_stride) const {
+  check_region(x0, y0, w, h);
   thread_local std::vector<uint32_t> buf;
   buf.resize(static_cast<size_t>(w * h));
   read_argb(x0, y0, lvl, w, h, buf.data());

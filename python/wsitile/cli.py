@@ -162,10 +162,38 @@ def cmd_extract(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {counts['windows']} windows, {counts['tumour']} tumour{rate}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    # Until the model lands (issue 4/5) the demo shows the engine: synthetic slides, then extraction.
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows of a manifest.csv (slide, label, split). A slide name is used to build paths to read and
+    write, so it must be a plain file name inside the manifest's folder: no separators, no '..'."""
     import csv
 
+    rows = []
+    with open(path, newline="") as fh:
+        try:
+            reader = csv.DictReader(fh)
+            missing = {"slide", "label", "split"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+            table = list(reader)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable manifest ({exc})") from None
+        for n, row in enumerate(table, start=2):
+            name = row["slide"] or ""
+            if (
+                name in ("", ".", "..")
+                or any(c in name for c in "/\\\0")
+                or Path(name).name != name
+                or Path(name).is_absolute()
+            ):
+                raise ValueError(f"{path}: line {n}: slide {name!r} is not a plain file name")
+            if row["label"] not in ("tumor", "normal"):
+                raise ValueError(f"{path}: line {n}: label {row['label']!r} is not 'tumor' or 'normal'")
+            rows.append(row)
+    return rows
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    # Until the model lands (issue 4/5) the demo shows the engine: synthetic slides, then extraction.
     from .synth import synth_dataset
 
     slides_dir = args.out / "slides"
@@ -173,27 +201,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     windows_dir = args.out / "windows"
     windows_dir.mkdir(parents=True, exist_ok=True)
     print(f"{'slide':<16}{'label':<8}{'split':<7}{'windows':>9}{'tumour':>8}{'windows/s':>11}")
-    with open(manifest, newline="") as fh:
-        for row in csv.DictReader(fh):
-            slide = slides_dir / row["slide"]
-            mask = slide.with_name(slide.stem + "_mask.tif") if row["label"] == "tumor" else None
-            counts = extract(
-                slide,
-                mask,
-                windows_dir / (slide.stem + ".npz"),
-                levels=DEFAULT_LEVELS,
-                window=DEFAULT_WINDOW,
-                center=DEFAULT_CENTER,
-                stride=DEFAULT_STRIDE,
-                tissue_threshold=DEFAULT_TISSUE_THRESHOLD,
-                save_images=True,
-                threads=args.threads,
-                quiet=True,
-            )
-            print(
-                f"{row['slide']:<16}{row['label']:<8}{row['split']:<7}{counts['windows']:>9}"
-                f"{counts['tumour']:>8}{counts['rate']:>11.0f}"
-            )
+    for row in read_manifest(manifest):
+        slide = slides_dir / row["slide"]
+        mask = slide.with_name(slide.stem + "_mask.tif") if row["label"] == "tumor" else None
+        counts = extract(
+            slide,
+            mask,
+            windows_dir / (slide.stem + ".npz"),
+            levels=DEFAULT_LEVELS,
+            window=DEFAULT_WINDOW,
+            center=DEFAULT_CENTER,
+            stride=DEFAULT_STRIDE,
+            tissue_threshold=DEFAULT_TISSUE_THRESHOLD,
+            save_images=True,
+            threads=args.threads,
+            quiet=True,
+        )
+        print(
+            f"{row['slide']:<16}{row['label']:<8}{row['split']:<7}{counts['windows']:>9}"
+            f"{counts['tumour']:>8}{counts['rate']:>11.0f}"
+        )
     print(f"wrote {args.out}")
 
 

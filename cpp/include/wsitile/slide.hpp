@@ -88,6 +88,10 @@ class Slide {
   // wants to go on needs a new Slide of the same file.
   bool failed() const;
 
+  // Throws std::invalid_argument unless 1 <= w, h, w * h <= 2^32 pixels and |x0|, |y0| <= 2^40 (far
+  // beyond any slide; keeps OpenSlide's and our size arithmetic from overflowing).
+  static void check_region(int64_t x0, int64_t y0, int64_t w, int64_t h);
+
   // Premultiplied ARGB pixels of a w x h region of `level` whose top-left is (x0, y0) in level-0
   // pixels, as openslide_read_region gives them (transparent outside the slide). Throws SlideReadError
   // naming the path, level and region when OpenSlide fails (e.g. a corrupt tile), or SlideChanged when

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 #include "wsitile/rng.hpp"
 
@@ -310,7 +311,10 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
     error = std::current_exception();
   }
   std::lock_guard<std::mutex> lock(mu_);
-  if (error && !p->error) p->error = error;
+  // Moved, not copied: once the consumer may see the exception this thread holds no reference to
+  // it, so it is freed where it was last used (exception_ptr's count lives in libstdc++, where
+  // ThreadSanitizer cannot see it order our last use before the consumer's).
+  if (error && !p->error) p->error = std::move(error);
   if (--p->remaining == 0) done_cv_.notify_all();
 }
 
@@ -470,7 +474,10 @@ std::optional<Batch> Loader::take() {
   if (front->error) {
     drop_pipeline_locked();  // a retry starts again at the failed batch
     scheduled_ = state_.index;
-    std::rethrow_exception(front->error);
+    // Taken out of the batch, so this thread holds the exception's last reference: a worker still
+    // finishing a chunk of the dropped batch never frees it under the consumer.
+    std::exception_ptr error = std::exchange(front->error, nullptr);
+    std::rethrow_exception(error);
   }
   pending_.pop_front();
   state_.index = front->start + front->count;

@@ -217,10 +217,10 @@ def _need_train_extra(command: str) -> None:
 
 
 def _training_slides(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    from .train import mask_for, read_manifest
+    from .manifest import manifest_slides, mask_for
 
     if len(args.data) == 1 and args.data[0].is_dir():
-        train_items, _ = read_manifest(args.data[0])  # the manifest's test split stays unseen
+        train_items, _ = manifest_slides(args.data[0])  # the manifest's test split stays unseen
         return train_items
     items = []
     for slide in args.data:

@@ -30,7 +30,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - log(str)
     from .evaluate import evaluate_heatmap
-    from .froc import froc_evaluate
+    from .froc import run_froc
     from .predict import predict_slide
     from .synth import synth_dataset
     from .train import TrainConfig, fit, read_manifest, split_by_slide
@@ -64,7 +64,17 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - 
     tumour_slide, tumour_mask = next((s, m) for s, m in test_items if m)
     eval_dir = out / "evaluation"
     window = evaluate_heatmap(pred_dir / Path(tumour_slide).stem / "heatmap.npz", tumour_mask, eval_dir)
-    challenge = froc_evaluate(heatmaps, slides_dir, out / "froc")
+    froc_report = run_froc(heatmaps, slides_dir, out / "froc")
+    challenge = froc_report.metrics
+    notes = []
+    if froc_report.result is not None and len(froc_report.result.fps) == 1:
+        # Evaluation_FROC.py uses every distinct probability but the smallest as a threshold; when all
+        # detections score the same (a saturated sigmoid gives exactly 1.0) its curve is the lone (0, 0).
+        notes.append(
+            "FROC: every detection scored the same probability and no lesion was missed, so the "
+            "organisers' Evaluation_FROC.py (which skips the smallest probability as a threshold) has no "
+            "threshold left and returns 0; read it with the per-slide table in froc/."
+        )
 
     metrics = {k: float(window[k]) for k in SEED_KEYS}
     metrics.update(
@@ -75,7 +85,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - 
         seconds=round(time.monotonic() - t0, 1),
     )
     atomic_write(out / "metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
-    _write_report(out, metrics, tumour_slide, [s for s, _ in test_items])
+    _write_report(out, metrics, tumour_slide, [s for s, _ in test_items], notes)
+    for note in notes:
+        log(f"note: {note}")
     log(f"[5/5] report -> {out / 'report.md'}")
     return metrics
 
@@ -94,7 +106,9 @@ def seed_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"{name:<12} {_fmt(value)}" for name, value in rows)
 
 
-def _write_report(out: Path, metrics: dict[str, float], tumour_slide: str, test_slides: list[str]) -> None:
+def _write_report(
+    out: Path, metrics: dict[str, float], tumour_slide: str, test_slides: list[str], notes: list[str]
+) -> None:
     stem = Path(tumour_slide).stem
     lines = [
         "# wsitile demo",
@@ -106,6 +120,7 @@ def _write_report(out: Path, metrics: dict[str, float], tumour_slide: str, test_
         "|---|---|",
         *[f"| {k} | {_fmt(metrics[k])} |" for k in (*SEED_KEYS, "froc", "slide_auc")],
         "",
+        *[f"Note: {n}\n" for n in notes],
         f"Finished in {metrics['seconds']:.0f} s.",
         "",
         "## Pictures",

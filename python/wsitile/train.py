@@ -266,7 +266,8 @@ class Steps:
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
-        new = state.replace(
+        new = replace(  # dataclasses.replace: flax's state.replace() is invisible to mypy
+            state,
             step=state.step + 1,
             trainable=optax.apply_updates(state.trainable, updates),
             batch_stats=batch_stats,
@@ -407,7 +408,8 @@ def read_manifest(folder: Path) -> tuple[list[tuple[str, str | None]], list[tupl
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{folder}: no manifest.csv (make one with `wsitile synth`)")
-    train, test = [], []
+    train: list[tuple[str, str | None]] = []
+    test: list[tuple[str, str | None]] = []
     with open(manifest, newline="") as fh:
         for row in csv.DictReader(fh):
             name = Path(row.get("slide") or "")

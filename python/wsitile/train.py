@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 
@@ -277,7 +277,8 @@ class Steps:
 
     def model_probs(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         """Tumour probabilities in inference mode (traceable: use inside jit)."""
-        return jax.nn.sigmoid(self.model.apply(variables, images, train=False))
+        logits = cast(jax.Array, self.model.apply(variables, images, train=False))  # no mutable: no state
+        return jax.nn.sigmoid(logits)
 
     def _predict_step(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         return self.model_probs(variables, images)

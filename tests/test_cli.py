@@ -37,7 +37,7 @@ def test_extract_writes_the_contract(tumour_slide, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and "windows" in stdout
-    data = np.load(out)
+    data = np.load(out, allow_pickle=False)
     grid = wsitile.build_grid(tumour_slide["slide"], tumour_slide["mask"])
     assert data["coords"].dtype == np.int64 and data["labels"].dtype == np.uint8
     np.testing.assert_array_equal(data["coords"], grid.coords)
@@ -57,7 +57,7 @@ def test_extract_without_mask_or_tissue_filter(normal_slide, tmp_path, capsys):
     out = tmp_path / "n.npz"
     code, _, _ = run(["extract", normal_slide, "--no-tissue-filter", "--out", out], capsys)
     assert code == 0
-    data = np.load(out)
+    data = np.load(out, allow_pickle=False)
     assert "images" not in data
     assert len(data["labels"]) == 12 * 12 and data["labels"].sum() == 0  # level 2 is 1024 px: 12 x 12 windows
 

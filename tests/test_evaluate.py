@@ -115,7 +115,7 @@ def test_window_metrics_one_class_is_an_error(labels):
 
 def test_heatmap_round_trip_and_grid_image(tumour_grid, tumour_heatmap):
     hm = load_heatmap(tumour_heatmap)
-    with np.load(tumour_heatmap) as data:
+    with np.load(tumour_heatmap, allow_pickle=False) as data:
         assert sorted(data.files) == sorted(["coords", "probs", "levels", "window", "center", "stride",
                                              "grid_shape", "slide"])
         assert data["coords"].dtype == np.int64 and data["probs"].dtype == np.float32

@@ -18,6 +18,8 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_FileNotFoundError, e.what());
     }
   });
+  // A slide file deleted or replaced while in use: a RuntimeError callers can tell apart.
+  py::register_exception<wsitile::SlideChanged>(m, "SlideChangedError", PyExc_RuntimeError);
   register_slide(m);
   register_loader(m);
   register_augment(m);

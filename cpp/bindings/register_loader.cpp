@@ -28,6 +28,13 @@ py::dict batch_to_dict(wsitile::Batch&& b) {
   d["coords"] = to_numpy(std::move(b.coords), {n, 2});
   d["slide_index"] = to_numpy(std::move(b.slide_index), {n});
   d["sample_index"] = to_numpy(std::move(b.sample_index), {n});
+  if (!b.skipped.empty()) {  // on_error="skip": what was left out, for the Python side to log
+    py::list skipped;
+    for (auto& r : b.skipped) {
+      skipped.append(py::make_tuple(r.sample_index, r.slide, r.x0, r.y0, std::move(r.message)));
+    }
+    d["skipped"] = std::move(skipped);
+  }
   return d;
 }
 
@@ -39,7 +46,7 @@ void register_loader(py::module_& m) {
                        const py::array& y, const py::array& labels, const std::vector<int32_t>& levels,
                        int64_t window, int64_t batch_size, int threads, bool shuffle, bool balanced,
                        bool drop_last, uint64_t seed, size_t cache_bytes, std::optional<py::tuple> augment,
-                       const std::string& out_dtype) {
+                       const std::string& out_dtype, size_t tile_cache_bytes, const std::string& on_error) {
              const py::ssize_t n = slide_index.size();
              wsitile::SampleTable t;
              t.slide = wsitile_py::column<int32_t>(slide_index, "slide_index", n);
@@ -56,6 +63,11 @@ void register_loader(py::module_& m) {
              cfg.drop_last = drop_last;
              cfg.seed = seed;
              cfg.cache_bytes = cache_bytes;
+             cfg.tile_cache_bytes = tile_cache_bytes;
+             if (on_error != "raise" && on_error != "skip") {
+               throw std::invalid_argument("on_error must be 'raise' or 'skip', got '" + on_error + "'");
+             }
+             cfg.skip_errors = on_error == "skip";
              cfg.out_dtype = wsitile_py::parse_out_dtype(out_dtype);
              if (augment) {  // (orientation, colour, brightness, saturation_lo/hi, hue, contrast_lo/hi)
                const py::tuple& a = *augment;
@@ -77,7 +89,8 @@ void register_loader(py::module_& m) {
            py::arg("slides"), py::arg("slide_index"), py::arg("x"), py::arg("y"), py::arg("labels"),
            py::arg("levels"), py::arg("window"), py::arg("batch_size"), py::arg("threads"), py::arg("shuffle"),
            py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"),
-           py::arg("augment") = py::none(), py::arg("out_dtype") = "uint8")
+           py::arg("augment") = py::none(), py::arg("out_dtype") = "uint8",
+           py::arg("tile_cache_bytes") = size_t{32} << 20, py::arg("on_error") = "raise")
       .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
       .def_property_readonly("cache_bytes_used", &wsitile::Loader::cache_bytes_used)
       .def("uses_block_cache", &wsitile::Loader::uses_block_cache, py::arg("slide"))
@@ -122,7 +135,9 @@ void register_loader(py::module_& m) {
              if (!b) return py::none();
              return batch_to_dict(std::move(*b));
            },
-           "The next batch as a dict of NumPy arrays, or None at the end of an epoch.")
+           "The next batch as a dict of NumPy arrays, or None at the end of an epoch. With on_error='skip'\n"
+           "a batch may be shorter (even empty) and then has 'skipped': [(sample_index, slide_index, x0, y0,\n"
+           "message)].")
       .def("close", &wsitile::Loader::close, py::call_guard<py::gil_scoped_release>());
 
   m.def(

@@ -41,6 +41,7 @@ void register_slide(py::module_& m) {
             const auto [w, h] = size;
             if (w < 1 || h < 1) throw std::invalid_argument("read_region: size must be positive");
             s.level(level);
+            wsitile::Slide::check_region(location.first, location.second, w, h);  // before allocating
             std::vector<uint8_t> rgb(static_cast<size_t>(w * h * 3));
             {
               py::gil_scoped_release release;  // pure C++ from here: no Python object is touched

@@ -7,16 +7,32 @@
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 #include "wsitile/rng.hpp"
 
 namespace wsitile {
+
+namespace {
+constexpr int kMaxThreads = 1024;
+constexpr int64_t kMaxWindow = int64_t{1} << 16;
+constexpr int64_t kMaxCoordinate = int64_t{1} << 40;
+constexpr int64_t kMaxBatchBytes = int64_t{1} << 40;
+
+// A handle opened again on `opened`'s path found another file there.
+[[noreturn]] void throw_changed(const Slide& opened) {
+  opened.check_unchanged();  // throws SlideChanged with the details
+  throw SlideChanged(opened.path() + ": the slide file changed since it was opened");
+}
+}  // namespace
 
 struct Loader::Pending {
   uint64_t seed = 0;
   int64_t epoch = 0, start = 0;
   std::shared_ptr<const std::vector<int64_t>> order;
   Batch batch;
+  int64_t count = 0;              // samples taken from the epoch (batch.size before skips)
+  std::vector<std::string> skip;  // per sample: why it was skipped, empty if it was not
   int remaining = 0;  // chunks not finished; guarded by Loader::mu_
   std::exception_ptr error;
   bool done() const { return remaining == 0; }
@@ -44,19 +60,33 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
   if (cfg_.levels.empty()) throw std::invalid_argument("levels: at least one tower level is needed");
   if (cfg_.window < 1) throw std::invalid_argument("window must be >= 1");
   if (cfg_.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
-  if (cfg_.threads < 1) throw std::invalid_argument("threads must be >= 1");
+  if (cfg_.threads < 1 || cfg_.threads > kMaxThreads) {
+    throw std::invalid_argument("threads must be in [1, " + std::to_string(kMaxThreads) + "]");
+  }
+  if (cfg_.window > kMaxWindow) throw std::invalid_argument("window must be <= " + std::to_string(kMaxWindow));
+  if (cfg_.levels.size() > 64) throw std::invalid_argument("levels: at most 64 towers");
   const int64_t n = samples_.size();
   if (static_cast<int64_t>(samples_.x.size()) != n || static_cast<int64_t>(samples_.y.size()) != n ||
       static_cast<int64_t>(samples_.label.size()) != n) {
     throw std::invalid_argument("sample table columns differ in length");
   }
-  if (cfg_.tile_cache_bytes > 0 && openslide_api().cache_create) {
-    cache_ = std::make_shared<TileCache>(cfg_.tile_cache_bytes);
+  {  // one batch buffer must be allocatable: at most kMaxBatchBytes (no size_t overflow on the way)
+    const double bytes = static_cast<double>(std::min(cfg_.batch_size, std::max<int64_t>(n, 1))) *
+                         static_cast<double>(cfg_.levels.size()) * static_cast<double>(cfg_.window) *
+                         static_cast<double>(cfg_.window) * 3.0 * out_itemsize(cfg_.out_dtype);
+    if (bytes > static_cast<double>(kMaxBatchBytes)) {
+      std::ostringstream msg;
+      msg << "a batch of " << cfg_.batch_size << " samples x " << cfg_.levels.size() << " towers of " << cfg_.window
+          << "x" << cfg_.window << " px would take " << bytes << " bytes (limit " << kMaxBatchBytes << ")";
+      throw std::invalid_argument(msg.str());
+    }
   }
+  if (openslide_api().cache_create) cache_ = std::make_shared<TileCache>(cfg_.tile_cache_bytes);
   if (cfg_.cache_bytes >= BlockCache::block_bytes()) blocks_ = std::make_unique<BlockCache>(cfg_.cache_bytes);
   for (const auto& path : slide_paths) {
-    slides_.push_back(std::make_unique<Slide>(path, cache_));
-    const Slide& s = *slides_.back();
+    slides_.push_back(std::make_unique<SlideSlot>());
+    slides_.back()->slide = std::make_shared<Slide>(path, cache_);
+    const Slide& s = *slides_.back()->slide;
     SlideGeometry g;
     for (int32_t lvl : cfg_.levels) {
       const double d = s.level(lvl).downsample;  // throws naming the levels that exist
@@ -70,6 +100,18 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
     if (s < 0 || s >= static_cast<int32_t>(slides_.size())) {
       std::ostringstream msg;
       msg << "sample " << i << " names slide " << s << " but " << slides_.size() << " slides were given";
+      throw std::invalid_argument(msg.str());
+    }
+    // Every level-0 point a tower or its blocks can touch stays within +-2^40 (Slide::check_region),
+    // far from int64 overflow: (|x| + 2 window + one block) * the largest downsample.
+    double max_d = 1.0;
+    for (double d : geometry_[s].downsample) max_d = std::max(max_d, d);
+    const double reach = static_cast<double>(2 * cfg_.window + BlockCache::kSize) * max_d;
+    const double ax = std::fabs(static_cast<double>(samples_.x[i])), ay = std::fabs(static_cast<double>(samples_.y[i]));
+    if (std::max(ax, ay) * max_d + reach > static_cast<double>(kMaxCoordinate)) {
+      std::ostringstream msg;
+      msg << "sample " << i << ": level-" << cfg_.levels[0] << " coordinates (" << samples_.x[i] << ", " << samples_.y[i]
+          << ") put the windows beyond level-0 +-2^40";
       throw std::invalid_argument(msg.str());
     }
     class_members_[samples_.label[i] ? 1 : 0].push_back(i);
@@ -162,6 +204,33 @@ void Loader::start_epoch_locked() {
   order_ = std::move(order);
   state_.index = 0;
   scheduled_ = 0;
+  check_identity_ = true;
+}
+
+void Loader::check_slides_unchanged_locked() {
+  // Once per epoch, before its first batch is scheduled (nothing is in flight then): blocks and tiles
+  // cached from a file that has since been replaced must not reach the new epoch's batches.
+  if (!check_identity_) return;
+  for (const auto& slot : slides_) slot->slide->check_unchanged();  // throws SlideChanged; retried next call
+  check_identity_ = false;
+}
+
+std::shared_ptr<Slide> Loader::slide(int32_t s) const {
+  const SlideSlot& slot = *slides_[s];
+  std::lock_guard<std::mutex> lock(slot.mu);
+  return slot.slide;
+}
+
+void Loader::replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::shared_ptr<Slide> fresh) const {
+  SlideSlot& slot = *slides_[s];
+  {
+    std::lock_guard<std::mutex> lock(slot.mu);
+    if (slot.slide != dead || !dead->failed()) return;  // another worker replaced it already
+  }
+  if (!fresh || fresh->failed()) fresh = std::make_shared<Slide>(dead->path(), cache_);
+  if (fresh->identity() != dead->identity()) throw_changed(*dead);
+  std::lock_guard<std::mutex> lock(slot.mu);
+  if (slot.slide == dead) slot.slide = std::move(fresh);
 }
 
 void Loader::drop_pipeline_locked() {
@@ -180,6 +249,8 @@ void Loader::fill_pipeline_locked() {
     p->start = scheduled_;
     p->order = order_;
     const int64_t size = std::min(cfg_.batch_size, samples_.size() - scheduled_);
+    p->count = size;
+    if (cfg_.skip_errors) p->skip.resize(static_cast<size_t>(size));
     Batch& b = p->batch;
     b.size = size;
     b.towers = static_cast<int64_t>(cfg_.levels.size());
@@ -229,11 +300,21 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
   std::exception_ptr error;
   try {
     for (int64_t k = begin; k < end && !stopping_; ++k) extract_sample(*p, k);
+    // Every slide this chunk read is still the file it opened: a file replaced before this point may
+    // have served pixels of either file (OpenSlide opens more file handles as it needs them), so the
+    // chunk fails; one replaced after it cannot have served any.
+    const std::vector<int32_t>& si = p->batch.slide_index;
+    for (int64_t k = begin; k < end; ++k) {
+      if (std::find(si.begin() + begin, si.begin() + k, si[k]) == si.begin() + k) slide(si[k])->check_unchanged();
+    }
   } catch (...) {
     error = std::current_exception();
   }
   std::lock_guard<std::mutex> lock(mu_);
-  if (error && !p->error) p->error = error;
+  // Moved, not copied: once the consumer may see the exception this thread holds no reference to
+  // it, so it is freed where it was last used (exception_ptr's count lives in libstdc++, where
+  // ThreadSanitizer cannot see it order our last use before the consumer's).
+  if (error && !p->error) p->error = std::move(error);
   if (--p->remaining == 0) done_cv_.notify_all();
 }
 
@@ -241,11 +322,35 @@ void Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst)
   const int64_t w = cfg_.window;
   const SlideGeometry& g = geometry_[s];
   const TowerPlacement p = place_tower(x, y, w, g.downsample[0], g.downsample[t], t == 0);
+  const std::shared_ptr<Slide> handle = slide(s);
   if (g.blocks) {
-    assemble(s, t, p.lx, p.ly, dst);
+    assemble(*handle, s, t, p.lx, p.ly, dst);
   } else {
-    slides_[s]->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
+    handle->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
   }
+}
+
+// After a failed read: the verdict on this window comes from a fresh handle of its own (the shared
+// one may have died of another window's corrupt tile, in another thread), reading just the window, so
+// whether a sample fails depends on its pixels only, never on timing. The dead shared handle is
+// replaced either way. Throws SlideChanged (file deleted or replaced) or SlideReadError with the sample.
+void Loader::cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, int64_t sample) const {
+  const std::shared_ptr<Slide> shared = slide(s);
+  shared->check_unchanged();
+  auto fresh = std::make_shared<Slide>(shared->path(), cache_);
+  if (fresh->identity() != shared->identity()) throw_changed(*shared);  // replaced just now
+  const int64_t w = cfg_.window;
+  const SlideGeometry& g = geometry_[s];
+  const TowerPlacement p = place_tower(x, y, w, g.downsample[0], g.downsample[t], t == 0);
+  try {
+    fresh->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
+  } catch (const SlideReadError& e) {
+    replace_dead(s, shared, nullptr);
+    std::ostringstream msg;
+    msg << e.what() << " (sample " << sample << ", tower " << t << ")";
+    throw SlideReadError(msg.str());
+  }
+  replace_dead(s, shared, std::move(fresh));
 }
 
 void Loader::extract_sample(Pending& pending, int64_t k) {
@@ -265,13 +370,23 @@ void Loader::extract_sample(Pending& pending, int64_t k) {
   thread_local std::vector<uint8_t> window;
   for (size_t t = 0; t < cfg_.levels.size(); ++t) {
     uint8_t* dst = b.images.data() + (k * b.towers + static_cast<int64_t>(t)) * pixels * out_itemsize(b.dtype);
-    if (plain) {
-      cut_window(s, t, samples_.x[i], samples_.y[i], dst);
-    } else {
+    uint8_t* cut = dst;
+    if (!plain) {
       window.resize(static_cast<size_t>(pixels));
-      cut_window(s, t, samples_.x[i], samples_.y[i], window.data());
-      augment_image(window.data(), w, params, b.dtype, dst);  // both towers share `params`
+      cut = window.data();
     }
+    try {
+      cut_window(s, t, samples_.x[i], samples_.y[i], cut);
+    } catch (const SlideReadError&) {
+      try {
+        cut_window_fresh(s, t, samples_.x[i], samples_.y[i], cut, i);
+      } catch (const SlideReadError& e) {
+        if (!cfg_.skip_errors) throw;
+        pending.skip[k] = e.what();
+        return;
+      }
+    }
+    if (!plain) augment_image(cut, w, params, b.dtype, dst);  // both towers share `params`
   }
 }
 
@@ -279,12 +394,11 @@ namespace {
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 }  // namespace
 
-void Loader::assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const {
+void Loader::assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const {
   constexpr int64_t B = BlockCache::kSize;
   const int64_t w = cfg_.window;
   const int32_t level = cfg_.levels[t];
   const double dt = geometry_[s].downsample[t];
-  const Slide& slide = *slides_[s];
   for (int64_t by = floor_div(ly, B); by <= floor_div(ly + w - 1, B); ++by) {
     for (int64_t bx = floor_div(lx, B); bx <= floor_div(lx + w - 1, B); ++bx) {
       auto block = blocks_->get({s, level, bx, by}, [&](uint8_t* d) {
@@ -337,6 +451,7 @@ void Loader::choose_block_policy() {
 bool Loader::wait(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   if (stopping_) throw std::runtime_error("loader is closed");
+  check_slides_unchanged_locked();
   fill_pipeline_locked();
   if (pending_.empty()) return true;  // end of epoch
   auto front = pending_.front();
@@ -346,6 +461,7 @@ bool Loader::wait(std::chrono::milliseconds timeout) {
 std::optional<Batch> Loader::take() {
   std::unique_lock<std::mutex> lock(mu_);
   if (stopping_) throw std::runtime_error("loader is closed");
+  check_slides_unchanged_locked();
   fill_pipeline_locked();
   if (pending_.empty()) {  // the epoch is over: the next call starts the next one
     state_.epoch += 1;
@@ -358,12 +474,45 @@ std::optional<Batch> Loader::take() {
   if (front->error) {
     drop_pipeline_locked();  // a retry starts again at the failed batch
     scheduled_ = state_.index;
-    std::rethrow_exception(front->error);
+    // Taken out of the batch, so this thread holds the exception's last reference: a worker still
+    // finishing a chunk of the dropped batch never frees it under the consumer.
+    std::exception_ptr error = std::exchange(front->error, nullptr);
+    std::rethrow_exception(error);
   }
   pending_.pop_front();
-  state_.index = front->start + front->batch.size;
+  state_.index = front->start + front->count;
   fill_pipeline_locked();
-  return std::move(front->batch);
+  lock.unlock();
+  Batch& b = front->batch;
+  if (!front->skip.empty()) {  // drop the skipped samples, keeping the order of the others
+    const int64_t img = b.towers * b.window * b.window * 3 * out_itemsize(b.dtype);
+    int64_t kept = 0;
+    for (int64_t k = 0; k < b.size; ++k) {
+      if (!front->skip[k].empty()) {
+        b.skipped.push_back({b.sample_index[k], b.slide_index[k], b.coords[2 * k], b.coords[2 * k + 1],
+                             std::move(front->skip[k])});
+        continue;
+      }
+      if (kept != k) {
+        std::memmove(b.images.data() + kept * img, b.images.data() + k * img, static_cast<size_t>(img));
+        b.labels[kept] = b.labels[k];
+        b.coords[2 * kept] = b.coords[2 * k];
+        b.coords[2 * kept + 1] = b.coords[2 * k + 1];
+        b.slide_index[kept] = b.slide_index[k];
+        b.sample_index[kept] = b.sample_index[k];
+      }
+      ++kept;
+    }
+    if (kept != b.size) {
+      b.size = kept;
+      b.images.resize(static_cast<size_t>(kept * img));
+      b.labels.resize(kept);
+      b.coords.resize(2 * kept);
+      b.slide_index.resize(kept);
+      b.sample_index.resize(kept);
+    }
+  }
+  return std::move(b);
 }
 
 }  // namespace wsitile

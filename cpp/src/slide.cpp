@@ -18,27 +18,79 @@ TileCache::~TileCache() {
   if (cache_) openslide_api().cache_release(cache_);
 }
 
+std::optional<FileIdentity> file_identity(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  FileIdentity id;
+  id.dev = static_cast<uint64_t>(st.st_dev);
+  id.ino = static_cast<uint64_t>(st.st_ino);
+  id.size = static_cast<int64_t>(st.st_size);
+  id.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(st.st_mtim.tv_nsec);
+  return id;
+}
+
+namespace {
+
+std::string describe_change(const std::string& path, const FileIdentity& was, const std::optional<FileIdentity>& now) {
+  std::ostringstream msg;
+  msg << path << ": ";
+  if (!now) {
+    msg << "the slide file was deleted since it was opened";
+  } else {
+    msg << "the slide file changed since it was opened (";
+    if (now->dev != was.dev || now->ino != was.ino) {
+      msg << "replaced: inode " << was.ino << " -> " << now->ino;
+    } else if (now->size != was.size) {
+      msg << "size " << was.size << " -> " << now->size << " bytes";
+    } else {
+      msg << "modified: mtime changed";
+    }
+    msg << ")";
+  }
+  msg << "; refusing to mix pixels of two files";
+  return msg.str();
+}
+
+// A copy of the error string OpenSlide latched on a handle. The string is written once, by whichever
+// thread's read failed first, and published with an atomic in (uninstrumented) libopenslide, which
+// ThreadSanitizer cannot see: scripts/tsan.supp names this function (and nothing else of ours).
+__attribute__((noinline)) std::string openslide_error_message(const char* err) { return std::string(err); }
+
+}  // namespace
+
 Slide::Slide(std::string path, std::shared_ptr<TileCache> cache)
     : path_(std::move(path)), api_(&openslide_api()), cache_(std::move(cache)) {
   struct stat st;
   if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
   if (S_ISDIR(st.st_mode)) throw std::invalid_argument(path_ + ": is a directory, not a slide");
+  const std::optional<FileIdentity> before = file_identity(path_);
+  if (!before) throw FileNotFound(path_ + ": no such file");
+  identity_ = *before;
   const char* vendor = api_->detect_vendor(path_.c_str());
   if (!vendor) throw std::invalid_argument(path_ + ": not a slide OpenSlide can read");
   vendor_ = vendor;
   osr_ = api_->open(path_.c_str());
   if (!osr_) throw std::invalid_argument(path_ + ": not a slide OpenSlide can read");
-  check_error("cannot open slide");
-  const int32_t n = api_->get_level_count(osr_);
-  check_error("cannot read level count");
-  if (n < 1) throw std::runtime_error(path_ + ": slide has no levels");
-  for (int32_t l = 0; l < n; ++l) {
-    LevelInfo info{};
-    api_->get_level_dimensions(osr_, l, &info.width, &info.height);
-    info.downsample = api_->get_level_downsample(osr_, l);
-    levels_.push_back(info);
+  try {  // a throwing constructor runs no destructor: close the handle here
+    check_error("cannot open slide");
+    const int32_t n = api_->get_level_count(osr_);
+    check_error("cannot read level count");
+    if (n < 1) throw std::runtime_error(path_ + ": slide has no levels");
+    for (int32_t l = 0; l < n; ++l) {
+      LevelInfo info{};
+      api_->get_level_dimensions(osr_, l, &info.width, &info.height);
+      info.downsample = api_->get_level_downsample(osr_, l);
+      levels_.push_back(info);
+    }
+    check_error("cannot read level dimensions");
+    // A file replaced while OpenSlide parsed it: the levels above may describe either file.
+    const std::optional<FileIdentity> after = file_identity(path_);
+    if (!after || *after != identity_) throw SlideChanged(describe_change(path_, identity_, after));
+  } catch (...) {
+    api_->close(osr_);
+    osr_ = nullptr;
+    throw;
   }
-  check_error("cannot read level dimensions");
   if (cache_) api_->set_cache(osr_, cache_->get());
 }
 
@@ -46,9 +98,16 @@ Slide::~Slide() {
   if (osr_) api_->close(osr_);
 }
 
+void Slide::check_unchanged() const {
+  const std::optional<FileIdentity> now = file_identity(path_);
+  if (!now || *now != identity_) throw SlideChanged(describe_change(path_, identity_, now));
+}
+
+bool Slide::failed() const { return api_->get_error(osr_) != nullptr; }
+
 void Slide::check_error(const std::string& what) const {
   const char* err = api_->get_error(osr_);
-  if (err) throw std::runtime_error(path_ + ": " + what + ": " + err);
+  if (err) throw std::runtime_error(path_ + ": " + what + ": " + openslide_error_message(err));
 }
 
 const LevelInfo& Slide::level(int32_t level) const {
@@ -67,20 +126,37 @@ std::optional<std::string> Slide::property(const std::string& name) const {
   return std::string(v);
 }
 
+void Slide::check_region(int64_t x0, int64_t y0, int64_t w, int64_t h) {
+  constexpr int64_t kMaxCoordinate = int64_t{1} << 40, kMaxPixels = int64_t{1} << 32;
+  if (w < 1 || h < 1 || w > kMaxPixels || h > kMaxPixels || w * h > kMaxPixels) {
+    std::ostringstream msg;
+    msg << "region size " << w << "x" << h << " must be positive and at most 2^32 pixels";
+    throw std::invalid_argument(msg.str());
+  }
+  if (x0 < -kMaxCoordinate || x0 > kMaxCoordinate || y0 < -kMaxCoordinate || y0 > kMaxCoordinate) {
+    std::ostringstream msg;
+    msg << "region location (" << x0 << ", " << y0 << ") beyond +-2^40";
+    throw std::invalid_argument(msg.str());
+  }
+}
+
 void Slide::read_argb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint32_t* dest) const {
   level(lvl);  // range check
+  check_region(x0, y0, w, h);
   api_->read_region(osr_, dest, x0, y0, lvl, w, h);
   const char* err = api_->get_error(osr_);
   if (err) {
     std::ostringstream msg;
     msg << path_ << ": read failed at level " << lvl << ", level-0 (x, y) = (" << x0 << ", " << y0
-        << "), size " << w << "x" << h << ": " << err;
-    throw std::runtime_error(msg.str());
+        << "), size " << w << "x" << h << ": " << openslide_error_message(err);
+    check_unchanged();  // a deleted or replaced file is the better explanation: SlideChanged
+    throw SlideReadError(msg.str());
   }
 }
 
 void Slide::read_rgb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint8_t* dest,
                      int64_t row_stride) const {
+  check_region(x0, y0, w, h);
   thread_local std::vector<uint32_t> buf;
   buf.resize(static_cast<size_t>(w * h));
   read_argb(x0, y0, lvl, w, h, buf.data());

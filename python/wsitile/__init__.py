@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .augment import AugmentConfig, augment_batch
 from .grid import Grid, build_grid
-from .loader import Loader
+from .loader import Loader, SlideChangedError
 from .slide import Slide
 
 try:
@@ -17,4 +17,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["AugmentConfig", "Grid", "Loader", "Slide", "__version__", "augment_batch", "build_grid"]
+__all__ = [
+    "AugmentConfig",
+    "Grid",
+    "Loader",
+    "Slide",
+    "SlideChangedError",
+    "__version__",
+    "augment_batch",
+    "build_grid",
+]

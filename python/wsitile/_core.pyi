@@ -8,7 +8,9 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Loader', 'Slide', 'augment_batch', 'augment_draw_params', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower']
+__all__: list[str] = ['Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower']
+class SlideChangedError(RuntimeError):
+    pass
 class Slide:
     def __init__(self, path: str) -> None:
         ...
@@ -34,7 +36,7 @@ class Slide:
     def vendor(self) -> str:
         ...
 class Loader:
-    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8') -> None:
+    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise') -> None:
         ...
     def close(self) -> None:
         ...
@@ -42,7 +44,9 @@ class Loader:
         ...
     def next(self) -> typing.Any:
         """
-        The next batch as a dict of NumPy arrays, or None at the end of an epoch.
+        The next batch as a dict of NumPy arrays, or None at the end of an epoch. With on_error='skip'
+        a batch may be shorter (even empty) and then has 'skipped': [(sample_index, slide_index, x0, y0,
+        message)].
         """
     def set_state(self, state: dict) -> None:
         ...

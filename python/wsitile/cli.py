@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() (cluster "
+                   "auto-detection); each process reads its share of the slides")
 
     p = sub.add_parser("predict", help="tumour-probability heatmap of one slide from a trained checkpoint")
     p.add_argument("slide", type=Path)
@@ -217,10 +219,10 @@ def _need_train_extra(command: str) -> None:
 
 
 def _training_slides(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    from .train import mask_for, read_manifest
+    from .manifest import manifest_slides, mask_for
 
     if len(args.data) == 1 and args.data[0].is_dir():
-        train_items, _ = read_manifest(args.data[0])  # the manifest's test split stays unseen
+        train_items, _ = manifest_slides(args.data[0])  # the manifest's test split stays unseen
         return train_items
     items = []
     for slide in args.data:
@@ -247,6 +249,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         augment=not args.no_augment, dtype=args.dtype,
     )
     slides = split_by_slide(_training_slides(args), args.val_fraction)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator and process ids from the cluster's environment (SLURM, ...)
     # SIGTERM (a cluster's scheduler) stops like Ctrl-C: the last complete checkpoint stays.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     history = fit(

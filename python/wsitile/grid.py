@@ -52,8 +52,22 @@ class Grid:
         return len(self.labels)
 
 
+#: Largest window, centre or stride accepted (far beyond any slide level; keeps int64 math exact).
+MAX_SIZE = 2**40
+
+
+def check_int(name: str, value: object) -> int:
+    """`value` as an int: TypeError for anything but an integer (bool and float included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} {value!r}: must be an integer")
+    return int(value)
+
+
 def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
-    levels = tuple(int(lvl) for lvl in levels)
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise TypeError(f"levels {levels!r}: must be a sequence of integers")
+    levels = tuple(check_int("levels", lvl) for lvl in levels)
+    window, center, stride = check_int("window", window), check_int("center", center), check_int("stride", stride)
     if not levels:
         raise ValueError("levels: give at least one tower level")
     for lvl in levels:
@@ -64,8 +78,8 @@ def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stri
         raise ValueError(f"window {window}: must be >= 1")
     if not 1 <= center <= window:
         raise ValueError(f"center {center}: must be between 1 and the window ({window})")
-    if stride < 1:
-        raise ValueError(f"stride {stride}: must be >= 1")
+    if not 1 <= stride <= MAX_SIZE:
+        raise ValueError(f"stride {stride}: must be in [1, 2**40]")
     width, height = slide.level_dimensions[levels[0]]
     if window > min(width, height):
         raise ValueError(
@@ -153,10 +167,16 @@ def build_grid(
     """
     if not isinstance(slide, Slide):
         slide = Slide(slide)
-    threads = default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise ValueError(f"threads {threads}: must be >= 1")
+    threads = min(default_threads(), 1024) if threads is None else check_int("threads", threads)
+    if not 1 <= threads <= 1024:
+        raise ValueError(f"threads {threads}: must be in [1, 1024]")
+    if tissue_threshold is not None:
+        if isinstance(tissue_threshold, bool) or not isinstance(tissue_threshold, (int, float, np.integer, np.floating)):
+            raise TypeError(f"tissue_threshold {tissue_threshold!r}: must be a number or None")
+        if not np.isfinite(tissue_threshold):
+            raise ValueError(f"tissue_threshold {tissue_threshold}: must be finite")
     levels = validate(slide, levels, window, center, stride)
+    window, center, stride = int(window), int(center), int(stride)
     base = levels[0]
     width, height = slide.level_dimensions[base]
     cols, rows = (width - window) // stride + 1, (height - window) // stride + 1

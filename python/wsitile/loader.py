@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +25,16 @@ from .grid import (
 from .slide import Slide
 
 SlideSpec = tuple["str | os.PathLike[str]", "str | os.PathLike[str] | None"]
+
+logger = logging.getLogger(__name__)
+
+#: Most worker threads a loader accepts.
+MAX_THREADS = 1024
+#: Largest cache_mb / tile_cache_mb accepted (1 TiB).
+MAX_CACHE_MB = 2**20
+
+#: A slide file deleted or replaced while a loader reads it (a RuntimeError).
+SlideChangedError = _core.SlideChangedError
 
 
 class Loader:
@@ -49,8 +60,21 @@ class Loader:
 
     `cache_mb` bounds the RGB block cache the workers share: windows are assembled from 256x256
     blocks read once through OpenSlide (slides with integral downsamples; in shuffled order only when
-    all blocks the epoch can touch fit, else one read per window). OpenSlide's own tile cache is
-    32 MB, shared by the loader's slides.
+    all blocks the epoch can touch fit, else one read per window). `tile_cache_mb` bounds OpenSlide's
+    own decoded-tile cache, one cache shared by all the loader's slides (0: no tile caching). Memory
+    therefore stays within cache_mb + tile_cache_mb + the batches in flight (about 2 x threads chunks).
+
+    Faults (RELIABILITY.md). A sample OpenSlide cannot read (a corrupt or truncated tile) is judged
+    on a fresh handle of its own - OpenSlide kills a handle at its first error, and the loader then
+    swaps in a new one, so one bad tile does not fail the rest of the slide. With ``on_error="raise"``
+    (default) the batch raises RuntimeError naming the slide, level and level-0 coordinates (the
+    position stays at that batch: iterating again retries it); with ``on_error="skip"`` the sample is
+    left out of its batch, which comes out shorter (a batch whose samples all failed is not yielded),
+    and a warning naming slide and coordinates goes to the ``wsitile.loader`` logger; `num_skipped`
+    counts them. Which samples are skipped depends only on the files, never on threads or timing.
+    Every slide file's identity (device, inode, size, mtime) is recorded at open and checked at the
+    start of each epoch, after each chunk of reads and when a read fails: a file deleted or replaced
+    while in use raises `SlideChangedError` (both modes) rather than mixing pixels of two files.
     """
 
     def __init__(
@@ -71,17 +95,30 @@ class Loader:
         cache_mb: int = 512,
         augment: "bool | AugmentConfig" = False,
         out_dtype: str = "uint8",
+        tile_cache_mb: int = 32,
+        on_error: str = "raise",
     ):
-        for name, value in (("batch_size", batch_size), ("threads", threads), ("seed", seed), ("cache_mb", cache_mb)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("threads", threads),
+            ("seed", seed),
+            ("cache_mb", cache_mb),
+            ("tile_cache_mb", tile_cache_mb),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise TypeError(f"{name} {value!r}: must be an integer")
-        threads = default_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads {threads}: must be >= 1")
+        threads = min(default_threads(), MAX_THREADS) if threads is None else int(threads)
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads {threads}: must be in [1, {MAX_THREADS}]")
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
-        if cache_mb < 0:
-            raise ValueError(f"cache_mb {cache_mb}: must be >= 0")
+        for name, value in (("cache_mb", cache_mb), ("tile_cache_mb", tile_cache_mb)):
+            if not 0 <= value <= MAX_CACHE_MB:
+                raise ValueError(f"{name} {value}: must be in [0, {MAX_CACHE_MB}]")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error {on_error!r}: expected 'raise' or 'skip'")
+        self.on_error = on_error
+        self.num_skipped = 0
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed {seed}: must be in [0, 2**64)")
         specs = [_spec(s) for s in slides]
@@ -129,7 +166,7 @@ class Loader:
             self.labels,
             list(self.levels),
             self.window,
-            self.batch_size,
+            min(self.batch_size, 2**62),  # any batch_size above the sample count behaves the same
             threads,
             bool(shuffle),
             bool(balanced),
@@ -138,6 +175,8 @@ class Loader:
             int(cache_mb) * 1024 * 1024,
             None if self.augment is None else astuple(self.augment),
             out_dtype,
+            int(tile_cache_mb) * 1024 * 1024,
+            on_error,
         )
 
     @property
@@ -151,6 +190,15 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while (batch := self._core.next()) is not None:
+            skipped = batch.pop("skipped", None)
+            if skipped:
+                self.num_skipped += len(skipped)
+                for sample, slide, x0, y0, message in skipped:
+                    logger.warning(
+                        "skipped sample %d of %s at level-0 (%d, %d): %s", sample, self.slides[slide], x0, y0, message
+                    )
+                if len(batch["labels"]) == 0:
+                    continue
             yield batch
 
     def get_state(self) -> dict[str, int]:

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import xml.etree.ElementTree as ET
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,15 +149,22 @@ def _parse_number(text: str | None, path: Path, what: str) -> float:
     return value
 
 
-def _parse_annotation(elem: ET.Element, path: Path, index: int) -> tuple[str, np.ndarray] | None:
-    """Return (group, vertices ordered by Order) of one <Annotation>, or None for point types."""
-    name = elem.get("Name", str(index))[:60]
-    what = f"annotation {index} ({name!r})"
-    if elem.get("Type", "Polygon").strip().lower() in _POINT_TYPES:
-        return None
-    group = elem.get("PartOfGroup", "")
-    rows: list[tuple[int, int, float, float]] = []
-    for pos, coord in enumerate(elem.iter("Coordinate")):
+class _AnnotationReader:
+    """One <Annotation> being read: its coordinates are parsed as their elements end and kept in
+    compact arrays (about 32 bytes each), so memory stays proportional to the coordinates even at
+    the MAX_COORDINATES cap, not to the XML elements (several hundred bytes each)."""
+
+    def __init__(self, elem: ET.Element, path: Path, index: int):
+        self.path = path
+        name = elem.get("Name", str(index))[:60]
+        self.what = f"annotation {index} ({name!r})"
+        self.points = elem.get("Type", "Polygon").strip().lower() in _POINT_TYPES
+        self.group = elem.get("PartOfGroup", "")
+        self.order = array("q")
+        self.xy = array("d")
+
+    def add(self, coord: ET.Element) -> None:
+        pos = len(self.order)
         order_text = coord.get("Order")
         if order_text is None:
             order = pos  # files without Order attributes keep document order
@@ -164,14 +172,21 @@ def _parse_annotation(elem: ET.Element, path: Path, index: int) -> tuple[str, np
             try:
                 order = int(order_text)
             except ValueError:
-                raise ValueError(f"{path}: {what}: Order is not an integer: {order_text[:40]!r}") from None
-        x = _parse_number(coord.get("X"), path, f"{what} coordinate {pos} X")
-        y = _parse_number(coord.get("Y"), path, f"{what} coordinate {pos} Y")
-        rows.append((order, pos, x, y))
-    if len(rows) < 3:
-        raise ValueError(f"{path}: {what} has {len(rows)} coordinates; a polygon needs at least 3")
-    rows.sort()  # by Order, ties in document order
-    return group, np.array([(x, y) for _, _, x, y in rows], dtype=np.float64)
+                raise ValueError(f"{self.path}: {self.what}: Order is not an integer: {order_text[:40]!r}") from None
+            if not -(2**63) <= order < 2**63:
+                raise ValueError(f"{self.path}: {self.what}: Order out of range: {order_text[:40]!r}")
+        self.xy.append(_parse_number(coord.get("X"), self.path, f"{self.what} coordinate {pos} X"))
+        self.xy.append(_parse_number(coord.get("Y"), self.path, f"{self.what} coordinate {pos} Y"))
+        self.order.append(order)
+
+    def finish(self) -> tuple[str, np.ndarray] | None:
+        """(group, vertices ordered by Order, ties in document order), or None for point types."""
+        if self.points:
+            return None
+        if len(self.order) < 3:
+            raise ValueError(f"{self.path}: {self.what} has {len(self.order)} coordinates; a polygon needs at least 3")
+        xy = np.frombuffer(self.xy, dtype=np.float64).reshape(-1, 2)
+        return self.group, xy[np.argsort(np.frombuffer(self.order, dtype=np.int64), kind="stable")]
 
 
 def read_asap_xml(path: str | os.PathLike[str]) -> Annotations:
@@ -194,9 +209,11 @@ def read_asap_xml(path: str | os.PathLike[str]) -> Annotations:
     n_coords = 0
     n_annotations = 0
     root_seen = False
+    open_elements: list[ET.Element] = []  # the path from the root to the current element
+    readers: list[_AnnotationReader] = []  # the <Annotation>s open there, innermost last
     try:
         with open(path, "rb") as fh:
-            # iterparse lets us stop at the coordinate cap and free each annotation once read.
+            # iterparse lets us stop at the coordinate cap and drop every element once read.
             for event, elem in _defused_iterparse(fh, events=("start", "end"), forbid_dtd=True):
                 if event == "start":
                     if not root_seen:
@@ -205,18 +222,25 @@ def read_asap_xml(path: str | os.PathLike[str]) -> Annotations:
                             raise ValueError(
                                 f"{path}: not an ASAP annotation file (root element {elem.tag[:60]!r})"
                             )
+                    elif elem.tag == "Annotation":
+                        readers.append(_AnnotationReader(elem, path, n_annotations))
+                        n_annotations += 1
+                    open_elements.append(elem)
                     continue
+                open_elements.pop()
                 if elem.tag == "Coordinate":
                     n_coords += 1
                     if n_coords > MAX_COORDINATES:
                         raise ValueError(f"{path}: more than {MAX_COORDINATES} coordinates")
+                    if readers:
+                        readers[-1].add(elem)
                 elif elem.tag == "Annotation":
-                    parsed = _parse_annotation(elem, path, n_annotations)
-                    n_annotations += 1
-                    elem.clear()
+                    parsed = readers.pop().finish()
                     if parsed is not None:
                         group, vertices = parsed
                         (exclusion if _is_exclusion(group) else tumour).append(vertices)
+                if open_elements:  # done with it: drop it from its parent (its last child, so O(1))
+                    open_elements[-1].remove(elem)
     except DefusedXmlException as exc:
         raise ValueError(f"{path}: forbidden XML construct ({type(exc).__name__}: {exc})") from None
     except ET.ParseError as exc:

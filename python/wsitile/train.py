@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW
 from .loader import Loader
+from .manifest import manifest_slides, mask_for  # noqa: F401 - mask_for is part of this module's API
 from .masks import atomic_write
 from .models import TwoTower, load_keras_h5
 
@@ -394,32 +395,9 @@ class SlideSet:
     val: tuple[tuple[str, str | None], ...] = ()
 
 
-def mask_for(slide: Path, masks_dir: Path) -> Path | None:
-    """The Camelyon16 naming: ``<stem>_mask.tif`` or ``<stem>.xml`` in `masks_dir`; None for a normal slide."""
-    for candidate in (masks_dir / f"{slide.stem}_mask.tif", masks_dir / f"{slide.stem}.xml"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def read_manifest(folder: Path) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
     """(train, test) (slide, mask) lists from a `wsitile synth` folder's manifest.csv."""
-    import csv
-
-    manifest = folder / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{folder}: no manifest.csv (make one with `wsitile synth`)")
-    train: list[tuple[str, str | None]] = []
-    test: list[tuple[str, str | None]] = []
-    with open(manifest, newline="") as fh:
-        for row in csv.DictReader(fh):
-            name = Path(row.get("slide") or "")
-            if name.name != str(name) or not name.name:  # a bare file name: nothing outside the folder
-                raise ValueError(f"{manifest}: bad slide entry {row.get('slide')!r}")
-            slide = folder / name
-            mask = mask_for(slide, folder) if row.get("label") == "tumor" else None
-            (test if row.get("split") == "test" else train).append((str(slide), None if mask is None else str(mask)))
-    return train, test
+    return manifest_slides(Path(folder))
 
 
 def split_by_slide(items: Sequence[tuple[str, str | None]], val_fraction: float) -> SlideSet:

@@ -37,6 +37,10 @@ struct LoaderConfig {
   uint64_t seed = 0;
   size_t cache_bytes = size_t{512} << 20;       // RGB block cache shared by all slides (0: off)
   size_t tile_cache_bytes = size_t{32} << 20;   // OpenSlide's decoded-tile cache, shared by all slides
+  // A sample OpenSlide cannot read (corrupt tile): false -> the batch throws SlideReadError naming the
+  // slide and coordinates; true -> the sample is left out of its batch (which comes out shorter) and
+  // reported in Batch::skipped. A deleted or replaced file (SlideChanged) always throws.
+  bool skip_errors = false;
   // Fused augmentation, applied by the worker right after it cuts a window (no extra batch pass).
   std::optional<AugmentConfig> augment;
   OutDtype out_dtype = OutDtype::kUint8;
@@ -50,6 +54,14 @@ struct SampleTable {
   int64_t size() const { return static_cast<int64_t>(slide.size()); }
 };
 
+// A sample left out of its batch (LoaderConfig::skip_errors).
+struct SkipRecord {
+  int64_t sample_index = 0;  // row of the sample table
+  int32_t slide = 0;
+  int64_t x0 = 0, y0 = 0;    // level-0 (x, y) of tower 0's top-left, as Batch::coords
+  std::string message;       // why (names the slide path, level and region)
+};
+
 struct Batch {
   int64_t size = 0, towers = 0, window = 0;
   OutDtype dtype = OutDtype::kUint8;
@@ -58,6 +70,7 @@ struct Batch {
   std::vector<int64_t> coords;  // (size, 2) level-0 (x, y) of tower 0's top-left
   std::vector<int32_t> slide_index;
   std::vector<int64_t> sample_index;  // row of the sample table
+  std::vector<SkipRecord> skipped;    // samples left out (skip_errors); size + skipped = samples taken
 };
 
 struct LoaderState {
@@ -92,12 +105,22 @@ class Loader {
   // block. Lets a caller wait in slices and stay responsive to signals.
   bool wait(std::chrono::milliseconds timeout);
   // The next batch, or std::nullopt at the end of an epoch (the state then moves to the next epoch).
-  // Rethrows a worker's exception; the position stays at the failed batch.
+  // Rethrows a worker's exception; the position stays at the failed batch. With skip_errors a batch
+  // may come out shorter than batch_size, or empty when every sample of it failed.
+  // The first wait/take of an epoch checks that no slide file changed since it was opened (throws
+  // SlideChanged); each chunk of work checks its slides again after reading them.
   std::optional<Batch> take();
   void close();  // stops the workers; further use throws
 
  private:
   struct Pending;
+  // The OpenSlide handle of one slide. A handle on which a read failed is dead (OpenSlide latches
+  // its first error) and is swapped for a fresh one; readers hold a shared_ptr, so a swapped-out
+  // handle is closed when its last read ends.
+  struct SlideSlot {
+    mutable std::mutex mu;
+    std::shared_ptr<Slide> slide;
+  };
   struct SlideGeometry {
     std::vector<double> downsample;  // per tower
     bool exact = true;    // integral downsamples: windows can be assembled from blocks exactly
@@ -109,15 +132,19 @@ class Loader {
   void drop_pipeline_locked();
   void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
   void cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst) const;
+  void cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, int64_t sample) const;
   void extract_sample(Pending& p, int64_t k);
-  void assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const;
+  void assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const;
+  std::shared_ptr<Slide> slide(int32_t s) const;
+  void replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::shared_ptr<Slide> fresh) const;
+  void check_slides_unchanged_locked();
   void choose_block_policy();
   void worker_loop();
   int64_t epoch_end() const;
 
   LoaderConfig cfg_;
   SampleTable samples_;
-  std::vector<std::unique_ptr<Slide>> slides_;
+  std::vector<std::unique_ptr<SlideSlot>> slides_;
   std::vector<SlideGeometry> geometry_;
   std::shared_ptr<TileCache> cache_;
   std::unique_ptr<BlockCache> blocks_;
@@ -132,6 +159,7 @@ class Loader {
   std::shared_ptr<const std::vector<int64_t>> order_;  // this epoch's sample order
   LoaderState state_;
   int64_t scheduled_ = 0;  // position of the next batch to schedule
+  bool check_identity_ = true;  // the epoch's first wait/take stats every slide
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
 };

@@ -18,6 +18,31 @@ struct FileNotFound : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// OpenSlide refused a read (a corrupt or truncated tile, an I/O error). Python: RuntimeError.
+struct SlideReadError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The file was deleted or replaced since the slide was opened (Python: wsitile.SlideChangedError, a
+// RuntimeError). Pixels read after that may come from either file, so nothing read is trusted.
+struct SlideChanged : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What identifies the file a path named when it was opened: device, inode, size, modification time.
+// A replaced file (new inode) or one written in place (new size or mtime) compares unequal.
+struct FileIdentity {
+  uint64_t dev = 0, ino = 0;
+  int64_t size = 0, mtime_ns = 0;
+  bool operator==(const FileIdentity& o) const {
+    return dev == o.dev && ino == o.ino && size == o.size && mtime_ns == o.mtime_ns;
+  }
+  bool operator!=(const FileIdentity& o) const { return !(*this == o); }
+};
+
+// The identity of the file at `path` now; std::nullopt when it does not exist (or cannot be stat'ed).
+std::optional<FileIdentity> file_identity(const std::string& path);
+
 struct LevelInfo {
   int64_t width;
   int64_t height;
@@ -41,8 +66,8 @@ class TileCache {
 
 class Slide {
  public:
-  // Throws std::invalid_argument (missing file, not a slide) or std::runtime_error (OpenSlide error),
-  // always naming the path.
+  // Throws FileNotFound, std::invalid_argument (not a slide) or std::runtime_error (OpenSlide error),
+  // always naming the path. Records the file's identity (see check_unchanged).
   explicit Slide(std::string path, std::shared_ptr<TileCache> cache = nullptr);
   ~Slide();
   Slide(const Slide&) = delete;
@@ -54,11 +79,24 @@ class Slide {
   const std::vector<LevelInfo>& levels() const { return levels_; }
   std::optional<std::string> property(const std::string& name) const;
   std::string vendor() const { return vendor_; }
+  const FileIdentity& identity() const { return identity_; }
+
+  // Throws SlideChanged naming the path when the file at path() is no longer the one opened (deleted,
+  // replaced by a rename, or rewritten in place). One stat(2).
+  void check_unchanged() const;
+  // True once OpenSlide has latched an error on this handle: every later read fails, so a reader that
+  // wants to go on needs a new Slide of the same file.
+  bool failed() const;
+
+  // Throws std::invalid_argument unless 1 <= w, h, w * h <= 2^32 pixels and |x0|, |y0| <= 2^40 (far
+  // beyond any slide; keeps OpenSlide's and our size arithmetic from overflowing).
+  static void check_region(int64_t x0, int64_t y0, int64_t w, int64_t h);
 
   // Premultiplied ARGB pixels of a w x h region of `level` whose top-left is (x0, y0) in level-0
-  // pixels, as openslide_read_region gives them (transparent outside the slide). Throws
-  // std::runtime_error naming the path, level and region when OpenSlide fails (e.g. a corrupt tile);
-  // OpenSlide then refuses every later read on this handle, which is what we want.
+  // pixels, as openslide_read_region gives them (transparent outside the slide). Throws SlideReadError
+  // naming the path, level and region when OpenSlide fails (e.g. a corrupt tile), or SlideChanged when
+  // the failure comes with a changed file. OpenSlide then refuses every later read on this handle
+  // (failed() is true): a caller that wants to go on opens the file again.
   void read_argb(int64_t x0, int64_t y0, int32_t level, int64_t w, int64_t h, uint32_t* dest) const;
 
   // The same region as packed RGB (row stride `row_stride` bytes), pixels outside the slide white and
@@ -74,6 +112,7 @@ class Slide {
   const OpenSlideApi* api_;
   openslide_t* osr_ = nullptr;
   std::vector<LevelInfo> levels_;
+  FileIdentity identity_;
   std::shared_ptr<TileCache> cache_;  // keeps a shared cache alive as long as the slide
 };
 

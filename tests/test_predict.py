@@ -1,0 +1,75 @@
+"""`wsitile predict`: the heatmap contract, test-time augmentation, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+from wsitile import train  # noqa: E402
+from wsitile.cli import main  # noqa: E402
+from wsitile.train import SlideSet, TrainConfig, fit  # noqa: E402
+
+CFG = TrainConfig(width=0.125, batch_size=8, tissue_threshold=None, stride=160, learning_rate=0.01)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from wsitile.synth import write_slide
+
+    root = tmp_path_factory.mktemp("predict")
+    write_slide(root / "tumor_001.tif", 4096, seed=3, tumour=True)
+    write_slide(root / "normal_001.tif", 2048, seed=5, tumour=False)
+    slides = SlideSet(train=((str(root / "tumor_001.tif"), str(root / "tumor_001_mask.tif")),))
+    fit(CFG, slides, root / "run", steps=2, threads=2, progress=False)
+    return root
+
+
+def test_heatmap_contract_and_tta(run, tmp_path, capsys):
+    slide = run / "tumor_001.tif"
+    assert main(["predict", str(slide), "--checkpoint", str(run / "run"), "--out", str(tmp_path / "p"),
+                 "--batch-size", "16"]) == 0
+    assert main(["extract", str(slide), "--mask", str(run / "tumor_001_mask.tif"), "--no-tissue-filter",
+                 "--stride", "80", "--out", str(tmp_path / "e.npz")]) == 0
+    assert "windows/s" in capsys.readouterr().out
+    with np.load(tmp_path / "p" / "heatmap.npz", allow_pickle=False) as h, \
+         np.load(tmp_path / "e.npz", allow_pickle=False) as e:
+        assert h["coords"].dtype == np.int64 and h["probs"].dtype == np.float32
+        np.testing.assert_array_equal(h["coords"], e["coords"])  # stride defaults to the window
+        np.testing.assert_array_equal(h["grid_shape"], e["grid_shape"])
+        assert list(h["levels"]) == [2, 3] and int(h["window"]) == 80 and int(h["center"]) == 50
+        assert int(h["stride"]) == 80 and str(h["slide"]).endswith("tumor_001.tif")
+        probs = h["probs"]
+        assert ((probs >= 0) & (probs <= 1)).all()
+    assert (tmp_path / "p" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+    # --tta: each probability is the mean of the model over the window pair's 8 dihedral orientations.
+    assert main(["predict", str(slide), "--checkpoint", str(run / "run"), "--out", str(tmp_path / "t"),
+                 "--batch-size", "16", "--tta"]) == 0
+    with np.load(tmp_path / "t" / "heatmap.npz", allow_pickle=False) as h:
+        tta = h["probs"]
+    cfg, steps, variables = train.load_for_inference(run / "run")
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as e:
+        pick = np.arange(0, len(e["coords"]), max(1, len(e["coords"]) // 6))[:6]
+    from wsitile.loader import Loader
+
+    with Loader([(slide, None)], tissue_threshold=None, shuffle=False, batch_size=4096) as loader:
+        images = next(iter(loader))["images"][pick]
+    turned = [np.rot90(im, k, axes=(2, 3)) for im in (images, images[:, :, :, ::-1]) for k in range(4)]
+    expected = np.mean([steps.predict(variables, np.ascontiguousarray(t)) for t in turned], axis=0)
+    np.testing.assert_allclose(tta[pick], expected, atol=2e-5)
+    assert not np.allclose(tta, probs)
+
+
+def test_bad_input(run, tmp_path, capsys):
+    ckpt = str(run / "run")
+    for args, needle in (
+        (["predict", str(run / "missing.tif"), "--checkpoint", ckpt, "--out", str(tmp_path / "a")], "missing.tif"),
+        (["predict", str(run / "normal_001.tif"), "--checkpoint", str(run), "--out", str(tmp_path / "b")],
+         "not a wsitile run directory"),
+    ):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -142,7 +142,7 @@ def extract(
     threads: int | None,
     batch_size: int = 256,
     quiet: bool = False,
-) -> dict[str, int]:
+) -> dict[str, float]:
     """Write OUT.npz with coords, labels, levels (and images); return counts for the summary."""
     from tqdm import tqdm
 
@@ -169,9 +169,9 @@ def extract(
         "coords": grid.coords,
         "labels": grid.labels,
         "levels": np.asarray(grid.levels, dtype=np.int64),
-        "window": np.int64(window),
-        "center": np.int64(center),
-        "stride": np.int64(stride),
+        "window": np.asarray(window, dtype=np.int64),
+        "center": np.asarray(center, dtype=np.int64),
+        "stride": np.asarray(stride, dtype=np.int64),
         "grid_shape": np.asarray(grid.grid_shape, dtype=np.int64),
     }
     if save_images:
@@ -189,7 +189,7 @@ def extract(
     else:
         loader.close()
         rate = float("nan")
-    atomic_write(out, lambda fh: np.savez(fh, **arrays))
+    atomic_write(out, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
     return {"windows": len(grid), "tumour": int(grid.labels.sum()), "rate": rate}
 
 

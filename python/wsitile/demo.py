@@ -28,7 +28,7 @@ class DemoConfig:
     threads: int | None = None
 
 
-def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - log(str)
+def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: ANN001 - log(str)
     from .evaluate import evaluate_heatmap
     from .froc import run_froc
     from .predict import predict_slide
@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - 
     window = evaluate_heatmap(pred_dir / Path(tumour_slide).stem / "heatmap.npz", tumour_mask, eval_dir)
     froc_report = run_froc(heatmaps, slides_dir, out / "froc")
     challenge = froc_report.metrics
-    notes = []
+    notes: list[str] = []
     if froc_report.result is not None and len(froc_report.result.fps) == 1:
         # Evaluation_FROC.py uses every distinct probability but the smallest as a threshold; when all
         # detections score the same (a saturated sigmoid gives exactly 1.0) its curve is the lone (0, 0).
@@ -76,7 +76,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float]:  # noqa: ANN001 - 
             "threshold left and returns 0; read it with the per-slide table in froc/."
         )
 
-    metrics = {k: float(window[k]) for k in SEED_KEYS}
+    metrics: dict[str, float | None] = {k: float(window[k]) for k in SEED_KEYS}
     metrics.update(
         froc=_maybe(challenge["froc"]),  # None: no lesion outside ITC regions among the held-out slides
         slide_auc=_maybe(challenge["slide_auc"]),
@@ -100,14 +100,14 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.5f}"
 
 
-def seed_table(metrics: dict[str, float]) -> str:
+def seed_table(metrics: dict[str, float | None]) -> str:
     rows = [(k.upper() if k == "auc" else k.capitalize(), metrics[k]) for k in SEED_KEYS]
     rows += [("FROC", metrics["froc"]), ("Slide AUC", metrics["slide_auc"])]
     return "\n".join(f"{name:<12} {_fmt(value)}" for name, value in rows)
 
 
 def _write_report(
-    out: Path, metrics: dict[str, float], tumour_slide: str, test_slides: list[str], notes: list[str]
+    out: Path, metrics: dict[str, float | None], tumour_slide: str, test_slides: list[str], notes: list[str]
 ) -> None:
     stem = Path(tumour_slide).stem
     lines = [

@@ -30,6 +30,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,15 +144,15 @@ class Heatmap:
             "coords": self.coords,
             "probs": self.probs,
             "levels": self.levels,
-            "window": np.int64(self.window),
-            "center": np.int64(self.center),
-            "stride": np.int64(self.stride),
+            "window": np.asarray(self.window, dtype=np.int64),
+            "center": np.asarray(self.center, dtype=np.int64),
+            "stride": np.asarray(self.stride, dtype=np.int64),
             "grid_shape": np.asarray(self.grid_shape, dtype=np.int64),
             "slide": np.asarray(self.slide),
         }
 
 
-def save_heatmap(path: str | os.PathLike[str], heatmap: Heatmap | None = None, **fields: object) -> Heatmap:
+def save_heatmap(path: str | os.PathLike[str], heatmap: Heatmap | None = None, **fields: Any) -> Heatmap:
     """Write ``heatmap.npz`` atomically (temporary file beside it, then rename); return the Heatmap.
 
     Give either a ``Heatmap`` or its fields as keywords (``coords``, ``probs``, ``levels``, ``window``,
@@ -169,7 +170,7 @@ def save_heatmap(path: str | os.PathLike[str], heatmap: Heatmap | None = None, *
     if path.suffix != ".npz":
         raise ValueError(f"{path}: a heatmap file must end in .npz")
     arrays = heatmap.arrays()
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
     return heatmap
 
 
@@ -192,7 +193,7 @@ def load_heatmap(path: str | os.PathLike[str]) -> Heatmap:
         if missing:
             raise ValueError(f"{path}: not a heatmap: missing {', '.join(missing)}")
         try:
-            arrays = {k: data[k] for k in HEATMAP_KEYS}
+            arrays: dict[str, Any] = {k: data[k] for k in HEATMAP_KEYS}  # Heatmap() converts them
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: cannot read the heatmap's arrays ({exc})") from None
     return Heatmap(

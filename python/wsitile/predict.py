@@ -19,7 +19,7 @@ from .train import load_for_inference
 def dihedral(images: jax.Array) -> jax.Array:
     """(N, T, H, W, 3) -> (8N, T, H, W, 3): the 8 orientations (4 rotations, with and without a flip)
     of every sample, both towers turned together, orientation-major."""
-    out = []
+    out: list[jax.Array] = []
     for flipped in (images, images[:, :, :, ::-1]):
         out.extend(jnp.rot90(flipped, k, axes=(2, 3)) for k in range(4))
     return jnp.concatenate(out)
@@ -69,21 +69,20 @@ def predict_slide(
         raise ValueError(f"{slide}: no tissue windows to predict")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    predict = steps.predict
+    step = None  # the model's own predict_step
     if tta:
-        tta_step = jax.jit(
+        step = jax.jit(
             lambda v, x: steps.model_probs(v, dihedral(x)).reshape(8, -1).mean(axis=0),
             in_shardings=(steps.replicated, steps.batch_sharding),
             out_shardings=steps.batch_sharding,
         )
-        predict = lambda v, images, pad_to: steps.predict(v, images, step=tta_step, pad_to=pad_to)  # noqa: E731
 
     probs = np.empty(len(grid), np.float32)
     start = time.perf_counter()
     with loader, tqdm(total=len(grid), unit="win", desc="predict", disable=not progress or None) as bar:
         for batch in loader:  # grid order: sample_index runs 0..N-1
             idx = batch["sample_index"]
-            probs[idx] = predict(variables, batch["images"], pad_to=batch_size)
+            probs[idx] = steps.predict(variables, batch["images"], step=step, pad_to=batch_size)
             bar.update(len(idx))
     rate = len(grid) / max(time.perf_counter() - start, 1e-9)
 
@@ -94,7 +93,7 @@ def predict_slide(
         window=cfg.window,
         center=cfg.center,
         stride=stride,
-        grid_shape=np.asarray(grid.grid_shape, np.int64),
+        grid_shape=grid.grid_shape,
         slide=os.path.abspath(slide),
     )
     save_heatmap(out_dir / "heatmap.npz", heatmap)

@@ -30,7 +30,7 @@ class Slide:
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._slide.level_dimensions]
+        return [(int(w), int(h)) for w, h in self._slide.level_dimensions]
 
     @property
     def dimensions(self) -> tuple[int, int]:

@@ -231,10 +231,10 @@ def _smooth_noise(seed: int, stream: int, spacing: int, x0: int, y0: int, w: int
     lattice = (2 * _hash_uniform(seed, stream, gy[:, None], gx[None, :]) - 1).astype(np.float32)
     xs = np.arange(x0, x0 + w)
     ys = np.arange(y0, y0 + h)
-    ix, tx = xs // spacing - gx[0], (xs % spacing) / spacing
-    iy, ty = ys // spacing - gy[0], (ys % spacing) / spacing
-    tx = (tx * tx * (3 - 2 * tx)).astype(np.float32)
-    ty = (ty * ty * (3 - 2 * ty)).astype(np.float32)[:, None]
+    ix, fx = xs // spacing - gx[0], (xs % spacing) / spacing
+    iy, fy = ys // spacing - gy[0], (ys % spacing) / spacing
+    tx = (fx * fx * (3 - 2 * fx)).astype(np.float32)
+    ty = (fy * fy * (3 - 2 * fy)).astype(np.float32)[:, None]
     along_x = lattice[:, ix] * (1 - tx) + lattice[:, ix + 1] * tx  # (lattice rows, w)
     return along_x[iy] * (1 - ty) + along_x[iy + 1] * ty
 
@@ -298,7 +298,7 @@ def _render_chunk(scene: _Scene, cx: int, cy: int) -> np.ndarray:
     vary += 0.35 * _smooth_noise(seed, _S_SMOOTH_FINE, 48, x0, y0, w, h)
     img = _STROMA + vary[:, :, None] * _STROMA_VARIATION
     t = tumour.astype(np.float32)[:, :, None] if has_tumour else None
-    if has_tumour:
+    if t is not None:  # has_tumour
         img += t * (_STROMA_TUMOUR - _STROMA)
 
     # Nuclei: sparse small ones in normal tissue, dense large dark ones in tumour.
@@ -306,7 +306,7 @@ def _render_chunk(scene: _Scene, cx: int, cy: int) -> np.ndarray:
     nuc = np.zeros((h, w), dtype=np.float32)
     cells = _cells_around(x0, y0, w, h, 12, cell)
     _draw_nuclei(nuc, x0, y0, *_nuclei(seed, _S_NUCLEI, cells, 12, 0.8, 5.0, 9.0, cell))
-    if has_tumour:
+    if t is not None:  # has_tumour
         nuc_t = np.zeros((h, w), dtype=np.float32)
         cells = _cells_around(x0, y0, w, h, 20, cell)
         _draw_nuclei(nuc_t, x0, y0, *_nuclei(seed, _S_NUCLEI_TUMOUR, cells, 36, 0.9, 9.0, 15.0, cell))
@@ -386,9 +386,10 @@ def _jpeg_codec() -> _Codec:
     # What tifffile itself does for compression='jpeg', photometric='rgb': YCbCr 4:2:0 JPEG tiles,
     # tagged Photometric=YCbCr with YCbCrSubSampling=(2, 2). We encode ourselves to reuse blank tiles.
     def encode(tile: np.ndarray) -> bytes:
-        return imagecodecs.jpeg_encode(
+        encoded = imagecodecs.jpeg_encode(
             tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
         )
+        return bytes(encoded)  # no copy: imagecodecs returns bytes (its stub says bytes | bytearray)
 
     args = {"compression": "jpeg", "photometric": "rgb", "subsampling": (2, 2)}
     return _Codec(3, encode, args)
@@ -396,7 +397,7 @@ def _jpeg_codec() -> _Codec:
 
 def _deflate_codec() -> _Codec:
     def encode(tile: np.ndarray) -> bytes:
-        return imagecodecs.zlib_encode(tile, level=6)
+        return bytes(imagecodecs.zlib_encode(tile, level=6))  # type: ignore[arg-type]  # any buffer works
 
     return _Codec(1, encode, {"compression": "zlib", "photometric": "minisblack"})
 

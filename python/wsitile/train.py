@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 
@@ -267,7 +267,8 @@ class Steps:
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
-        new = state.replace(
+        new = replace(  # dataclasses.replace: flax's state.replace() is invisible to mypy
+            state,
             step=state.step + 1,
             trainable=optax.apply_updates(state.trainable, updates),
             batch_stats=batch_stats,
@@ -277,7 +278,8 @@ class Steps:
 
     def model_probs(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         """Tumour probabilities in inference mode (traceable: use inside jit)."""
-        return jax.nn.sigmoid(self.model.apply(variables, images, train=False))
+        logits = cast(jax.Array, self.model.apply(variables, images, train=False))  # no mutable: no state
+        return jax.nn.sigmoid(logits)
 
     def _predict_step(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         return self.model_probs(variables, images)

@@ -233,3 +233,22 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(slides, tmp_path, monkeypa
     with pytest.raises(FloatingPointError, match="loss became nan at step 2.*checkpoint 1"):
         fit(cfg, _slide_set(slides), run, steps=3, threads=2, progress=False, resume=True)
     assert train.find_checkpoint(run)[1] == 1
+
+
+def test_bfloat16_step_keeps_float32_parameters():
+    """The GPU setting on the CPU: bfloat16 compute, float32 parameters, BatchNorm statistics and
+    optimiser state; the loss is finite and close to the float32 step's."""
+    images = np.random.default_rng(2).integers(0, 256, size=(8, 1, 80, 80, 3), dtype=np.uint8)
+    labels = np.array([0, 1] * 4, np.uint8)
+    losses = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = TrainConfig(levels=(2,), width=0.125, batch_size=8, dtype=dtype)
+        assert cfg.compute_dtype() == jnp.dtype(dtype)
+        steps = Steps(cfg)
+        state, metrics = steps.train_step(steps.place_state(create_state(cfg)), steps.place_batch(images),
+                                          steps.place_batch(labels))
+        losses[dtype] = float(metrics["loss"])
+        assert {x.dtype for x in jax.tree.leaves((state.trainable, state.batch_stats, state.opt_state))
+                if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.1)

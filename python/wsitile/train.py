@@ -11,9 +11,12 @@ Needs the `wsitile[train]` extra (jax, flax, optax, orbax-checkpoint, h5py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -322,16 +325,37 @@ def steps_for(cfg: TrainConfig, devices: Sequence[Any] | None = None) -> Steps:
 
 def checkpoint_manager(run_dir: Path) -> ocp.CheckpointManager:
     # Synchronous saves: orbax writes into a temporary folder and renames it when complete, so a run
-    # killed at any moment leaves the previous checkpoint intact.
+    # killed at any moment leaves the previous checkpoint intact. Close it when done (its threads).
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C / SIGTERM until the block ends, then deliver them: a save interrupted inside orbax
+    would leave its worker threads half done (the folder rename keeps the files consistent anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)  # the original handler decides (KeyboardInterrupt, exit, ...)
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainConfig, loader_state: dict) -> int:
     step = int(state.step)
     meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
+    with _interrupts_deferred():
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
     return step
 
 
@@ -343,14 +367,22 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:
     run_dir = path.parent if path.name == "checkpoints" else path
     if not (run_dir / "checkpoints").is_dir():
         raise ValueError(f"{path}: not a wsitile run directory (no checkpoints/ folder)")
-    step = checkpoint_manager(run_dir).latest_step()
+    mngr = checkpoint_manager(run_dir)
+    try:
+        step = mngr.latest_step()
+    finally:
+        mngr.close()
     if step is None:
         raise ValueError(f"{path}: holds no complete checkpoint")
     return run_dir, int(step)
 
 
 def read_checkpoint_meta(run_dir: Path, step: int) -> dict[str, Any]:
-    restored = checkpoint_manager(run_dir).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    mngr = checkpoint_manager(run_dir)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
     return dict(restored["meta"])
 
 
@@ -371,6 +403,8 @@ def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps)
             f"{run_dir / 'checkpoints' / str(step)}: does not match the model "
             f"(width {cfg.width}, {len(cfg.levels)} towers): {' '.join(str(exc).split())[:200]}"
         ) from None
+    finally:
+        mngr.close()
     return restored["state"], dict(restored["meta"])
 
 
@@ -525,12 +559,14 @@ def fit(
     if resume and mngr.latest_step() is not None:
         state, meta = restore_checkpoint(run_dir, int(mngr.latest_step()), cfg, ex)
         if meta["config"] != cfg.to_json():
+            mngr.close()
             raise ValueError(f"{run_dir}: its checkpoint was trained with other settings; use another --out")
         loader.set_state(meta["loader"])
         if history_path.is_file():
             history = History(**json.loads(history_path.read_text()))
     else:
         if mngr.latest_step() is not None:
+            mngr.close()
             raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume or use another --out")
         state = ex.place_state(create_state(cfg))
     atomic_write(run_dir / "config.json", lambda fh: fh.write(json.dumps(cfg.to_json(), indent=2).encode()))
@@ -604,6 +640,7 @@ def fit(
             checkpoint()
     finally:
         bar.close()
+        mngr.close()
         loader.close()
         if val_loader is not None:
             val_loader.close()

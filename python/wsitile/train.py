@@ -346,8 +346,8 @@ def _interrupts_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(received):
-            signal.raise_signal(sig)  # the original handler decides (KeyboardInterrupt, exit, ...)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # the original handler decides (KeyboardInterrupt, exit, ...)
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainConfig, loader_state: dict) -> int:

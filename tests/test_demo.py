@@ -39,7 +39,7 @@ def test_demo_learns_the_synthetic_tumours(tmp_path, capsys):
     assert roc_auc_score(grid.labels, heatmap.probs) == pytest.approx(metrics["auc"], abs=1e-9)
 
     report = (out / "report.md").read_text()
-    for picture in ("evaluation/heatmap_vs_truth.png", "evaluation/roc.png", "froc/froc.png", "run/training.png",
+    for picture in ("heatmap_vs_truth.png", "roc.png", "froc.png", "training.png",
                     "predictions/tumor_004/heatmap.png"):
         assert picture in report
         assert (out / picture).read_bytes()[:8] == PNG, picture

@@ -37,7 +37,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
 
     t0 = time.monotonic()
     out = cfg.out
-    slides_dir, run_dir, pred_dir = out / "slides", out / "run", out / "predictions"
+    # The demo folder is the run directory: checkpoints/, config.json, history.json and training.png
+    # from training, then the evaluation's pictures and metrics.json beside them.
+    slides_dir, run_dir, pred_dir = out / "slides", out, out / "predictions"
 
     log(f"[1/5] synthetic slides -> {slides_dir}")
     manifest = synth_dataset(slides_dir, cfg.slides, seed=cfg.seed, size=cfg.size, normal_fraction=1 / 3)
@@ -62,9 +64,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
 
     log("[4/5] window-level metrics on the held-out tumour slide, FROC and slide AUC over all held-out slides")
     tumour_slide, tumour_mask = next((s, m) for s, m in test_items if m)
-    eval_dir = out / "evaluation"
-    window = evaluate_heatmap(pred_dir / Path(tumour_slide).stem / "heatmap.npz", tumour_mask, eval_dir)
-    froc_report = run_froc(heatmaps, slides_dir, out / "froc")
+    # Both write their own metrics.json into `out`; the combined one below replaces them.
+    window = evaluate_heatmap(pred_dir / Path(tumour_slide).stem / "heatmap.npz", tumour_mask, out)
+    froc_report = run_froc(heatmaps, slides_dir, out)
     challenge = froc_report.metrics
     notes: list[str] = []
     if froc_report.result is not None and len(froc_report.result.fps) == 1:
@@ -73,7 +75,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
         notes.append(
             "FROC: every detection scored the same probability and no lesion was missed, so the "
             "organisers' Evaluation_FROC.py (which skips the smallest probability as a threshold) has no "
-            "threshold left and returns 0; read it with the per-slide table in froc/."
+            "threshold left and returns 0; read it with the per-slide detection CSVs."
         )
 
     metrics: dict[str, float | None] = {k: float(window[k]) for k in SEED_KEYS}
@@ -125,15 +127,15 @@ def _write_report(
         "",
         "## Pictures",
         "",
-        "![truth, heatmap, overlay](evaluation/heatmap_vs_truth.png)",
+        "![truth, heatmap, overlay](heatmap_vs_truth.png)",
         "",
         f"![heatmap](predictions/{stem}/heatmap.png)",
         "",
-        "![ROC](evaluation/roc.png)",
+        "![ROC](roc.png)",
         "",
-        "![FROC](froc/froc.png)",
+        "![FROC](froc.png)",
         "",
-        "![training loss and validation AUC](run/training.png)",
+        "![training loss and validation AUC](training.png)",
         "",
     ]
     atomic_write(out / "report.md", lambda fh: fh.write("\n".join(lines).encode()))

@@ -80,6 +80,16 @@ def epoch(loader) -> int:
     return n
 
 
+def timed_epochs(benchmark, make, cache: str) -> int:
+    """Time epochs of fresh loaders (cold: the block cache starts empty each round) or of one loader
+    after a first, untimed epoch (warm); returns the samples in one epoch."""
+    if cache == "cold":
+        return benchmark.pedantic(epoch, setup=lambda: ((make(),), {}), rounds=ROUNDS, iterations=1)
+    loader = make()
+    epoch(loader)
+    return benchmark.pedantic(epoch, args=(loader,), rounds=ROUNDS, iterations=1)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("cache", ["cold", "warm", "none"])
@@ -92,12 +102,7 @@ def test_wsitile_loader(benchmark, bench_slide, grid, threads, shuffle, cache):
                               center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
                               tissue_threshold=None, cache_mb=0 if cache == "none" else CACHE >> 20)
 
-    if cache == "cold":
-        n = benchmark.pedantic(epoch, setup=lambda: ((make(),), {}), rounds=ROUNDS, iterations=1)
-    else:
-        loader = make()
-        epoch(loader)
-        n = benchmark.pedantic(epoch, args=(loader,), rounds=ROUNDS, iterations=1)
+    n = timed_epochs(benchmark, make, cache)
     assert n == len(grid)
     order = "shuffled" if shuffle else "grid"
     label = {"cold": "cold cache", "warm": "warm cache", "none": "no block cache"}[cache]
@@ -150,11 +155,6 @@ def test_wsitile_loader_augmented(benchmark, bench_slide, grid, threads, cache):
                               center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=False,
                               tissue_threshold=None, cache_mb=CACHE >> 20, augment=True)
 
-    if cache == "cold":
-        n = benchmark.pedantic(epoch, setup=lambda: ((make(),), {}), rounds=ROUNDS, iterations=1)
-    else:
-        loader = make()
-        epoch(loader)
-        n = benchmark.pedantic(epoch, args=(loader,), rounds=ROUNDS, iterations=1)
+    n = timed_epochs(benchmark, make, cache)
     assert n == len(grid)
     record(benchmark, f"wsitile grid {threads} thread{'s' if threads > 1 else ''} augmented ({cache} cache)", n)

@@ -11,7 +11,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from .grid import default_threads
 from .loader import Loader
 from .train import load_for_inference
 
@@ -60,13 +59,10 @@ def predict_slide(
         stride=stride,
         tissue_threshold=cfg.tissue_threshold,
         batch_size=batch_size,
-        threads=threads or default_threads(),
+        threads=threads,
         shuffle=False,
     )
-    grid = loader.grids[0]
-    if len(grid) == 0:
-        loader.close()
-        raise ValueError(f"{slide}: no tissue windows to predict")
+    grid = loader.grids[0]  # never empty: the Loader refuses a slide without tissue windows, naming it
     out_dir.mkdir(parents=True, exist_ok=True)
 
     step = None  # the model's own predict_step

@@ -8,6 +8,7 @@ namespace py = pybind11;
 void register_slide(py::module_& m);
 void register_loader(py::module_& m);
 void register_augment(py::module_& m);
+void register_jpeg_tiles(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "wsitile's C++ engine (use the wsitile package, not this module)";
@@ -21,6 +22,7 @@ PYBIND11_MODULE(_core, m) {
   // A slide file deleted or replaced while in use: a RuntimeError callers can tell apart.
   py::register_exception<wsitile::SlideChanged>(m, "SlideChangedError", PyExc_RuntimeError);
   register_slide(m);
+  register_jpeg_tiles(m);  // before the Loader, whose signature names JpegTileLayout
   register_loader(m);
   register_augment(m);
 }

@@ -85,17 +85,8 @@ void register_augment(py::module_& m) {
 
   m.def(
       "augment_draw_params",
-      [](bool orientation, bool colour, float brightness, float saturation_lo, float saturation_hi, float hue,
-         float contrast_lo, float contrast_hi, uint64_t seed, uint64_t epoch, const py::array& sample_indices) {
-        wsitile::AugmentConfig cfg;
-        cfg.orientation = orientation;
-        cfg.colour = colour;
-        cfg.brightness = brightness;
-        cfg.saturation_lo = saturation_lo;
-        cfg.saturation_hi = saturation_hi;
-        cfg.hue = hue;
-        cfg.contrast_lo = contrast_lo;
-        cfg.contrast_hi = contrast_hi;
+      [](const py::tuple& config, uint64_t seed, uint64_t epoch, const py::array& sample_indices) {
+        const wsitile::AugmentConfig cfg = wsitile_py::augment_config(config);
         auto idx = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(sample_indices);
         if (!idx || idx.ndim() != 1) throw std::invalid_argument("sample_indices must be a 1-d integer array");
         const py::ssize_t n = idx.shape(0);
@@ -121,7 +112,7 @@ void register_augment(py::module_& m) {
         d["contrast"] = to_numpy(std::move(c), {n});
         return d;
       },
-      py::arg("orientation"), py::arg("colour"), py::arg("brightness"), py::arg("saturation_lo"),
-      py::arg("saturation_hi"), py::arg("hue"), py::arg("contrast_lo"), py::arg("contrast_hi"), py::arg("seed"),
-      py::arg("epoch"), py::arg("sample_indices"));
+      py::arg("config"), py::arg("seed"), py::arg("epoch"), py::arg("sample_indices"),
+      "The loader's augmentation parameters for these sample indices; `config` is\n"
+      "dataclasses.astuple(wsitile.AugmentConfig).");
 }

@@ -6,6 +6,7 @@
 
 #include "convert.hpp"
 #include "numpy_owner.hpp"
+#include "wsitile/jpeg_tiles.hpp"
 #include "wsitile/loader.hpp"
 
 namespace py = pybind11;
@@ -46,7 +47,8 @@ void register_loader(py::module_& m) {
                        const py::array& y, const py::array& labels, const std::vector<int32_t>& levels,
                        int64_t window, int64_t batch_size, int threads, bool shuffle, bool balanced,
                        bool drop_last, uint64_t seed, size_t cache_bytes, std::optional<py::tuple> augment,
-                       const std::string& out_dtype, size_t tile_cache_bytes, const std::string& on_error) {
+                       const std::string& out_dtype, size_t tile_cache_bytes, const std::string& on_error,
+                       const std::vector<std::optional<std::shared_ptr<wsitile::JpegTileLayout>>>& jpeg_tiles) {
              const py::ssize_t n = slide_index.size();
              wsitile::SampleTable t;
              t.slide = wsitile_py::column<int32_t>(slide_index, "slide_index", n);
@@ -69,31 +71,25 @@ void register_loader(py::module_& m) {
              }
              cfg.skip_errors = on_error == "skip";
              cfg.out_dtype = wsitile_py::parse_out_dtype(out_dtype);
-             if (augment) {  // (orientation, colour, brightness, saturation_lo/hi, hue, contrast_lo/hi)
-               const py::tuple& a = *augment;
-               if (a.size() != 8) throw std::invalid_argument("augment: expected 8 fields");
-               wsitile::AugmentConfig ac;
-               ac.orientation = a[0].cast<bool>();
-               ac.colour = a[1].cast<bool>();
-               ac.brightness = a[2].cast<float>();
-               ac.saturation_lo = a[3].cast<float>();
-               ac.saturation_hi = a[4].cast<float>();
-               ac.hue = a[5].cast<float>();
-               ac.contrast_lo = a[6].cast<float>();
-               ac.contrast_hi = a[7].cast<float>();
-               cfg.augment = ac;
-             }
+             if (augment) cfg.augment = wsitile_py::augment_config(*augment);
+             std::vector<std::shared_ptr<const wsitile::JpegTileLayout>> layouts;
+             for (const auto& l : jpeg_tiles) layouts.push_back(l.value_or(nullptr));
              py::gil_scoped_release release;  // opening slides touches no Python object
-             return std::make_unique<wsitile::Loader>(slides, std::move(t), cfg);
+             return std::make_unique<wsitile::Loader>(slides, std::move(t), cfg, std::move(layouts));
            }),
            py::arg("slides"), py::arg("slide_index"), py::arg("x"), py::arg("y"), py::arg("labels"),
            py::arg("levels"), py::arg("window"), py::arg("batch_size"), py::arg("threads"), py::arg("shuffle"),
            py::arg("balanced"), py::arg("drop_last"), py::arg("seed"), py::arg("cache_bytes"),
            py::arg("augment") = py::none(), py::arg("out_dtype") = "uint8",
-           py::arg("tile_cache_bytes") = size_t{32} << 20, py::arg("on_error") = "raise")
+           py::arg("tile_cache_bytes") = size_t{32} << 20, py::arg("on_error") = "raise",
+           py::arg_v("jpeg_tiles", std::vector<std::optional<std::shared_ptr<wsitile::JpegTileLayout>>>{}, "[]"),
+           "`jpeg_tiles`: empty, or one JpegTileLayout (or None) per slide: blocks of the levels it covers\n"
+           "are decoded straight from the file's JPEG tiles once checked against OpenSlide.")
       .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
       .def_property_readonly("cache_bytes_used", &wsitile::Loader::cache_bytes_used)
       .def("uses_block_cache", &wsitile::Loader::uses_block_cache, py::arg("slide"))
+      .def("decodes_jpeg_tiles", &wsitile::Loader::decodes_jpeg_tiles, py::arg("slide"), py::arg("tower"),
+           "True when the tower's blocks are decoded straight from JPEG tiles rather than read through OpenSlide.")
       .def_property_readonly("batches_per_epoch", &wsitile::Loader::batches_per_epoch)
       .def("get_state",
            [](const wsitile::Loader& l) {

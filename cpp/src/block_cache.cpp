@@ -14,7 +14,7 @@ size_t BlockCache::bytes() const {
   return bytes_;
 }
 
-std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key,
+std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key, size_t bytes,
                                                          const std::function<void(uint8_t*)>& fill) {
   std::promise<std::shared_ptr<const Block>> promise;
   {
@@ -32,7 +32,7 @@ std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key,
   }
   std::shared_ptr<Block> block;
   try {
-    block = std::make_shared<Block>(block_bytes());
+    block = std::make_shared<Block>(bytes);
     fill(block->data());
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -42,14 +42,14 @@ std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key,
   }
   std::lock_guard<std::mutex> lock(mu_);
   inflight_.erase(key);
-  if (capacity_ >= block_bytes()) {
+  if (capacity_ >= bytes) {
     lru_.emplace_front(key, block);
     index_[key] = lru_.begin();
-    bytes_ += block_bytes();
+    bytes_ += bytes;
     while (bytes_ > capacity_) {  // evicted blocks live on while a worker still copies from them
+      bytes_ -= lru_.back().second->size();
       index_.erase(lru_.back().first);
       lru_.pop_back();
-      bytes_ -= block_bytes();
     }
   }
   promise.set_value(block);

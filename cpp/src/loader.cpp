@@ -55,8 +55,12 @@ TowerPlacement place_tower(int64_t x, int64_t y, int64_t window, double d0, doub
   return p;
 }
 
-Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg)
+Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg,
+               std::vector<std::shared_ptr<const JpegTileLayout>> jpeg_tiles)
     : cfg_(std::move(cfg)), samples_(std::move(samples)) {
+  if (!jpeg_tiles.empty() && jpeg_tiles.size() != slide_paths.size()) {
+    throw std::invalid_argument("jpeg_tiles: one layout (or none) per slide is needed");
+  }
   if (cfg_.levels.empty()) throw std::invalid_argument("levels: at least one tower level is needed");
   if (cfg_.window < 1) throw std::invalid_argument("window must be >= 1");
   if (cfg_.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
@@ -83,15 +87,22 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
   }
   if (openslide_api().cache_create) cache_ = std::make_shared<TileCache>(cfg_.tile_cache_bytes);
   if (cfg_.cache_bytes >= BlockCache::block_bytes()) blocks_ = std::make_unique<BlockCache>(cfg_.cache_bytes);
-  for (const auto& path : slide_paths) {
+  for (size_t i = 0; i < slide_paths.size(); ++i) {
     slides_.push_back(std::make_unique<SlideSlot>());
-    slides_.back()->slide = std::make_shared<Slide>(path, cache_);
-    const Slide& s = *slides_.back()->slide;
+    SlideSlot& slot = *slides_.back();
+    if (!jpeg_tiles.empty()) slot.jpeg_tiles = jpeg_tiles[i];
+    slot.slide = std::make_shared<Slide>(slide_paths[i], cache_, slot.jpeg_tiles);
+    const Slide& s = *slot.slide;
     SlideGeometry g;
     for (int32_t lvl : cfg_.levels) {
       const double d = s.level(lvl).downsample;  // throws naming the levels that exist
       g.downsample.push_back(d);
       g.exact = g.exact && d == std::floor(d);
+    }
+    for (int32_t lvl : cfg_.levels) {
+      const int32_t tile = g.exact && blocks_ ? s.jpeg_tile_size(lvl) : 0;
+      g.jpeg.push_back(tile > 0);
+      g.block.push_back(tile > 0 ? tile : BlockCache::kSize);
     }
     geometry_.push_back(std::move(g));
   }
@@ -106,7 +117,7 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
     // far from int64 overflow: (|x| + 2 window + one block) * the largest downsample.
     double max_d = 1.0;
     for (double d : geometry_[s].downsample) max_d = std::max(max_d, d);
-    const double reach = static_cast<double>(2 * cfg_.window + BlockCache::kSize) * max_d;
+    const double reach = static_cast<double>(2 * cfg_.window + BlockCache::kMaxSize) * max_d;
     const double ax = std::fabs(static_cast<double>(samples_.x[i])), ay = std::fabs(static_cast<double>(samples_.y[i]));
     if (std::max(ax, ay) * max_d + reach > static_cast<double>(kMaxCoordinate)) {
       std::ostringstream msg;
@@ -227,7 +238,7 @@ void Loader::replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::sh
     std::lock_guard<std::mutex> lock(slot.mu);
     if (slot.slide != dead || !dead->failed()) return;  // another worker replaced it already
   }
-  if (!fresh || fresh->failed()) fresh = std::make_shared<Slide>(dead->path(), cache_);
+  if (!fresh || fresh->failed()) fresh = std::make_shared<Slide>(dead->path(), cache_, slot.jpeg_tiles);
   if (fresh->identity() != dead->identity()) throw_changed(*dead);
   std::lock_guard<std::mutex> lock(slot.mu);
   if (slot.slide == dead) slot.slide = std::move(fresh);
@@ -337,7 +348,7 @@ void Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst)
 void Loader::cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, int64_t sample) const {
   const std::shared_ptr<Slide> shared = slide(s);
   shared->check_unchanged();
-  auto fresh = std::make_shared<Slide>(shared->path(), cache_);
+  auto fresh = std::make_shared<Slide>(shared->path(), cache_, slides_[s]->jpeg_tiles);
   if (fresh->identity() != shared->identity()) throw_changed(*shared);  // replaced just now
   const int64_t w = cfg_.window;
   const SlideGeometry& g = geometry_[s];
@@ -395,17 +406,14 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 }  // namespace
 
 void Loader::assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const {
-  constexpr int64_t B = BlockCache::kSize;
+  const int64_t B = geometry_[s].block[t];
   const int64_t w = cfg_.window;
   const int32_t level = cfg_.levels[t];
-  const double dt = geometry_[s].downsample[t];
   for (int64_t by = floor_div(ly, B); by <= floor_div(ly + w - 1, B); ++by) {
     for (int64_t bx = floor_div(lx, B); bx <= floor_div(lx + w - 1, B); ++bx) {
-      auto block = blocks_->get({s, level, bx, by}, [&](uint8_t* d) {
-        // Integral downsample: level pixel (bx * B) sits exactly at level-0 bx * B * dt.
-        slide.read_rgb(std::llround(static_cast<double>(bx * B) * dt), std::llround(static_cast<double>(by * B) * dt),
-                       level, B, B, d, B * 3);
-      });
+      // Integral downsample: level pixel (bx * B) sits exactly at level-0 bx * B * d_t.
+      auto block = blocks_->get({s, level, bx, by}, BlockCache::block_bytes(B),
+                                [&](uint8_t* d) { slide.read_block(level, bx, by, B, d); });
       const int64_t x_lo = std::max(lx, bx * B), x_hi = std::min(lx + w, (bx + 1) * B);
       const int64_t y_lo = std::max(ly, by * B), y_hi = std::min(ly + w, (by + 1) * B);
       for (int64_t y = y_lo; y < y_hi; ++y) {
@@ -424,7 +432,6 @@ void Loader::choose_block_policy() {
   const bool random_access = cfg_.shuffle || cfg_.balanced;
   size_t working_set = 0;
   if (random_access) {
-    constexpr int64_t B = BlockCache::kSize;
     const size_t n_slides = slides_.size(), towers = cfg_.levels.size();
     std::vector<int64_t> lo_x(n_slides * towers, INT64_MAX), lo_y(lo_x), hi_x(n_slides * towers, INT64_MIN), hi_y(hi_x);
     for (int64_t i = 0; i < samples_.size(); ++i) {
@@ -439,9 +446,10 @@ void Loader::choose_block_policy() {
     }
     for (size_t j = 0; j < lo_x.size(); ++j) {  // bounding box of each (slide, tower), in blocks
       if (lo_x[j] > hi_x[j]) continue;
+      const int64_t B = geometry_[j / towers].block[j % towers];
       const int64_t nx = floor_div(hi_x[j] - 1, B) - floor_div(lo_x[j], B) + 1;
       const int64_t ny = floor_div(hi_y[j] - 1, B) - floor_div(lo_y[j], B) + 1;
-      working_set += static_cast<size_t>(nx * ny) * BlockCache::block_bytes();
+      working_set += static_cast<size_t>(nx * ny) * BlockCache::block_bytes(B);
     }
   }
   const bool fits = !random_access || working_set <= blocks_->capacity();

@@ -1,6 +1,12 @@
 #include "wsitile/slide.hpp"
 
+#include "wsitile/jpeg_tiles.hpp"
+
 #include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include <sstream>
 #include <stdexcept>
@@ -58,7 +64,7 @@ __attribute__((noinline)) std::string openslide_error_message(const char* err) {
 
 }  // namespace
 
-Slide::Slide(std::string path, std::shared_ptr<TileCache> cache)
+Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr<const JpegTileLayout> jpeg_tiles)
     : path_(std::move(path)), api_(&openslide_api()), cache_(std::move(cache)) {
   struct stat st;
   if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
@@ -92,10 +98,67 @@ Slide::Slide(std::string path, std::shared_ptr<TileCache> cache)
     throw;
   }
   if (cache_) api_->set_cache(osr_, cache_->get());
+  jpeg_checked_.reset(new std::once_flag[levels_.size()]);
+  jpeg_tile_.assign(levels_.size(), 0);
+  if (jpeg_tiles) {
+    try {
+      if (jpeg_tiles->identity != identity_) {
+        throw SlideChanged(path_ + ": the slide file changed between reading its tile layout and opening it");
+      }
+      jpeg_ = std::make_unique<JpegTileReader>(path_, std::move(jpeg_tiles));
+    } catch (...) {
+      api_->close(osr_);
+      osr_ = nullptr;
+      throw;
+    }
+  }
 }
 
 Slide::~Slide() {
   if (osr_) api_->close(osr_);
+}
+
+int32_t Slide::jpeg_tile_size(int32_t lvl) const {
+  const LevelInfo& info = level(lvl);
+  if (!jpeg_ || vendor_ != "generic-tiff") return 0;  // other vendors' tile semantics are not checked
+  std::call_once(jpeg_checked_[lvl], [&] {
+    const JpegTileLevel* page = jpeg_->page(info.width, info.height);
+    if (!page || info.downsample != std::floor(info.downsample) || page->tile < 16 || page->tile > 4096) return;
+    const auto largest = std::max_element(page->bytecounts.begin(), page->bytecounts.end()) - page->bytecounts.begin();
+    const int64_t col = largest % page->tiles_across(), row = largest / page->tiles_across(), t = page->tile;
+    std::vector<uint8_t> direct(static_cast<size_t>(t * t * 3)), oracle(direct.size());
+    try {
+      jpeg_->read_tile(*page, col, row, direct.data());
+    } catch (const SlideReadError&) {
+      return;  // a corrupt check tile: OpenSlide reads this level (and reports the tile when it is read)
+    }
+    const int64_t x0 = std::llround(static_cast<double>(col * t) * info.downsample);
+    const int64_t y0 = std::llround(static_cast<double>(row * t) * info.downsample);
+    try {
+      read_rgb(x0, y0, lvl, t, t, oracle.data(), t * 3);
+    } catch (const SlideReadError&) {
+      return;  // OpenSlide cannot read it either: the loader's fault handling takes it from here
+    }
+    if (direct == oracle) jpeg_tile_[lvl] = page->tile;
+  });
+  return jpeg_tile_[lvl];
+}
+
+void Slide::read_block(int32_t lvl, int64_t bx, int64_t by, int64_t size, uint8_t* dest) const {
+  const int32_t tile = jpeg_tile_size(lvl);
+  if (tile > 0 && size == tile) {
+    const LevelInfo& info = level(lvl);
+    const JpegTileLevel& page = *jpeg_->page(info.width, info.height);
+    if (bx < 0 || by < 0 || bx >= page.tiles_across() || by >= page.tiles_down()) {
+      std::memset(dest, 255, static_cast<size_t>(size * size * 3));  // wholly outside the slide: white
+    } else {
+      jpeg_->read_tile(page, bx, by, dest);
+    }
+    return;
+  }
+  const double d = level(lvl).downsample;
+  read_rgb(std::llround(static_cast<double>(bx * size) * d), std::llround(static_cast<double>(by * size) * d), lvl,
+           size, size, dest, size * 3);
 }
 
 void Slide::check_unchanged() const {

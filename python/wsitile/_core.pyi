@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower']
+__all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile']
 class SlideChangedError(RuntimeError):
     pass
 class Slide:
@@ -35,11 +35,29 @@ class Slide:
     @builtins.property
     def vendor(self) -> str:
         ...
-class Loader:
-    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise') -> None:
+class JpegTileLayout:
+    """
+    The tiled JPEG pages of one TIFF file (see wsitile.jpeg_tiles).
+    """
+    def __init__(self, identity: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex], pages: list) -> None:
+        """
+        identity: (st_dev, st_ino, st_size, st_mtime_ns) of the file the pages were read from.
+        """
+    @builtins.property
+    def page_sizes(self) -> list[tuple[int, int, int]]:
         ...
+class Loader:
+    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise', jpeg_tiles: collections.abc.Sequence[JpegTileLayout | None] = []) -> None:
+        """
+        `jpeg_tiles`: empty, or one JpegTileLayout (or None) per slide: blocks of the levels it covers
+        are decoded straight from the file's JPEG tiles once checked against OpenSlide.
+        """
     def close(self) -> None:
         ...
+    def decodes_jpeg_tiles(self, slide: typing.SupportsInt | typing.SupportsIndex, tower: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        """
+        True when the tower's blocks are decoded straight from JPEG tiles rather than read through OpenSlide.
+        """
     def get_state(self) -> dict:
         ...
     def next(self) -> typing.Any:
@@ -63,8 +81,17 @@ class Loader:
         ...
 def augment_batch(images: numpy.ndarray, rot90: numpy.ndarray, flip: numpy.ndarray, brightness: numpy.ndarray, saturation: numpy.ndarray, hue: numpy.ndarray, contrast: numpy.ndarray, out_dtype: str, threads: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
     ...
-def augment_draw_params(orientation: bool, colour: bool, brightness: typing.SupportsFloat | typing.SupportsIndex, saturation_lo: typing.SupportsFloat | typing.SupportsIndex, saturation_hi: typing.SupportsFloat | typing.SupportsIndex, hue: typing.SupportsFloat | typing.SupportsIndex, contrast_lo: typing.SupportsFloat | typing.SupportsIndex, contrast_hi: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex, sample_indices: numpy.ndarray) -> dict:
+def augment_draw_params(config: tuple, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex, sample_indices: numpy.ndarray) -> dict:
+    """
+    The loader's augmentation parameters for these sample indices; `config` is
+    dataclasses.astuple(wsitile.AugmentConfig).
+    """
+def libjpeg_loaded() -> bool:
     ...
+def load_libjpeg(path: str) -> None:
+    """
+    Loads libjpeg (the 6.2 API, e.g. the libjpeg-turbo Pillow ships) for the direct JPEG tile path.
+    """
 def load_openslide(path: str) -> None:
     """
     Load libopenslide from `path` (the library openslide-python uses).
@@ -79,3 +106,8 @@ def openslide_version() -> str:
     ...
 def place_tower(x: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, window: typing.SupportsInt | typing.SupportsIndex, d0: typing.SupportsFloat | typing.SupportsIndex, dt: typing.SupportsFloat | typing.SupportsIndex, base: bool) -> tuple[int, int, int, int]:
     ...
+def read_jpeg_tile(path: str, layout: JpegTileLayout, page: typing.SupportsInt | typing.SupportsIndex, col: typing.SupportsInt | typing.SupportsIndex, row: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    """
+    Tile (col, row) of page `page` decoded straight from the file: uint8 (tile, tile, 3) RGB, white
+    beyond the page's edge. For tests and diagnostics; the loader decodes through Slide.
+    """

@@ -12,7 +12,7 @@ image); clip to [0, 1]; then ``np.rot90(np.fliplr(x) if flip else x, rot90)`` ov
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -64,9 +64,7 @@ def draw_params(config: AugmentConfig, seed: int, epoch: int, sample_indices) ->
         raise ValueError("sample_indices must be a 1-d integer array")
     if idx.size and idx.min() < 0:
         raise ValueError("sample_indices must be >= 0")
-    return _core.augment_draw_params(config.orientation, config.colour, config.brightness, config.saturation_lo,
-                                     config.saturation_hi, config.hue, config.contrast_lo, config.contrast_hi,
-                                     int(seed), int(epoch), idx.astype(np.uint64))
+    return _core.augment_draw_params(astuple(config), int(seed), int(epoch), idx.astype(np.uint64))
 
 
 def _param(value, name: str, n: int, kind: str) -> np.ndarray:

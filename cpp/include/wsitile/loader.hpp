@@ -88,7 +88,10 @@ TowerPlacement place_tower(int64_t x, int64_t y, int64_t window, double d0, doub
 
 class Loader {
  public:
-  Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg);
+  // `jpeg_tiles`: empty, or one tile layout (or null) per slide, enabling the direct JPEG decode of
+  // blocks (Slide::jpeg_tile_size).
+  Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg,
+         std::vector<std::shared_ptr<const JpegTileLayout>> jpeg_tiles = {});
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
@@ -96,6 +99,11 @@ class Loader {
   int64_t num_samples() const { return samples_.size(); }
   size_t cache_bytes_used() const { return blocks_ ? blocks_->bytes() : 0; }
   bool uses_block_cache(int32_t slide) const { return geometry_.at(slide).blocks; }
+  // True when tower `tower` of `slide` decodes its blocks straight from JPEG tiles (not OpenSlide).
+  bool decodes_jpeg_tiles(int32_t slide, size_t tower) const {
+    const SlideGeometry& g = geometry_.at(slide);
+    return g.blocks && g.jpeg.at(tower);
+  }
   int64_t batches_per_epoch() const;
   const LoaderConfig& config() const { return cfg_; }
   LoaderState state() const;
@@ -120,11 +128,14 @@ class Loader {
   struct SlideSlot {
     mutable std::mutex mu;
     std::shared_ptr<Slide> slide;
+    std::shared_ptr<const JpegTileLayout> jpeg_tiles;  // for fresh handles of the same file
   };
   struct SlideGeometry {
     std::vector<double> downsample;  // per tower
     bool exact = true;    // integral downsamples: windows can be assembled from blocks exactly
     bool blocks = false;  // windows come from the block cache (else: one read_region per window)
+    std::vector<int64_t> block;  // per tower: block edge (the JPEG tile edge where jpeg, else kSize)
+    std::vector<bool> jpeg;      // per tower: blocks are JPEG tiles decoded straight from the file
   };
 
   void start_epoch_locked();

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -43,6 +44,9 @@ struct FileIdentity {
 // The identity of the file at `path` now; std::nullopt when it does not exist (or cannot be stat'ed).
 std::optional<FileIdentity> file_identity(const std::string& path);
 
+class JpegTileReader;  // jpeg_tiles.hpp
+struct JpegTileLayout;
+
 struct LevelInfo {
   int64_t width;
   int64_t height;
@@ -68,7 +72,10 @@ class Slide {
  public:
   // Throws FileNotFound, std::invalid_argument (not a slide) or std::runtime_error (OpenSlide error),
   // always naming the path. Records the file's identity (see check_unchanged).
-  explicit Slide(std::string path, std::shared_ptr<TileCache> cache = nullptr);
+  // `jpeg_tiles`: the file's tiled JPEG pages (see jpeg_tiles.hpp), for read_block's direct path;
+  // throws SlideChanged when they were parsed from another file than the one opened now.
+  explicit Slide(std::string path, std::shared_ptr<TileCache> cache = nullptr,
+                 std::shared_ptr<const JpegTileLayout> jpeg_tiles = nullptr);
   ~Slide();
   Slide(const Slide&) = delete;
   Slide& operator=(const Slide&) = delete;
@@ -104,6 +111,17 @@ class Slide {
   void read_rgb(int64_t x0, int64_t y0, int32_t level, int64_t w, int64_t h, uint8_t* dest,
                 int64_t row_stride) const;
 
+  // The tile edge of `level` when its tiles can be decoded straight from the file (0 otherwise): the
+  // level has an integral downsample, one JPEG page of its size, and that page's largest tile (the
+  // most detailed) decodes to exactly the pixels read_rgb gives. Decided on the first call per level.
+  int32_t jpeg_tile_size(int32_t level) const;
+
+  // The size x size RGB block (bx, by) of `level`: level pixels [bx * size, (bx + 1) * size) x
+  // [by * size, ...), outside the slide white. Decoded straight from its JPEG tile when size ==
+  // jpeg_tile_size(level) > 0, else read through read_rgb (the level's downsample must then be
+  // integral for the block to sit on whole level-0 pixels).
+  void read_block(int32_t level, int64_t bx, int64_t by, int64_t size, uint8_t* dest) const;
+
  private:
   void check_error(const std::string& what) const;
 
@@ -114,6 +132,9 @@ class Slide {
   std::vector<LevelInfo> levels_;
   FileIdentity identity_;
   std::shared_ptr<TileCache> cache_;  // keeps a shared cache alive as long as the slide
+  std::unique_ptr<JpegTileReader> jpeg_;  // null: every read goes through OpenSlide
+  std::unique_ptr<std::once_flag[]> jpeg_checked_;
+  mutable std::vector<int32_t> jpeg_tile_;  // per level, written once under jpeg_checked_[level]
 };
 
 // ARGB (premultiplied) -> RGB over white. `n` pixels.

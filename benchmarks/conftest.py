@@ -23,6 +23,9 @@ RATIOS = [
     ("wsitile grid 1 thread augmented (cold cache)", "wsitile grid 1 thread (cold cache)"),
     ("wsitile grid 1 thread augmented (warm cache)", "wsitile grid 1 thread (warm cache)"),
     ("wsitile grid 2 threads augmented (warm cache)", "wsitile grid 1 thread augmented (warm cache)"),
+    ("wsitile grid 1 thread (cold, OpenSlide decoder)", "python grid"),
+    ("wsitile shuffled 1 thread (cold, OpenSlide decoder)", "python shuffled"),
+    ("wsitile grid 1 thread (cold cache)", "wsitile grid 1 thread (cold, OpenSlide decoder)"),
     ("wsitile grid 1 thread (cold cache)", "JPEG decode ceiling, 1 core"),
     ("python grid", "OpenSlide read_region ceiling, 1 core"),
 ]

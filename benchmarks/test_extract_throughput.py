@@ -3,7 +3,8 @@ would write (openslide-python read_region per window and tower + NumPy labels), 
 
 Setting (issue 2): levels (2, 3), window 80, centre 50, stride 80, tissue filter off, the file in the
 OS page cache. Each round is one epoch (2,601 window pairs). "cold" = a new loader per round (empty
-block cache: every pixel goes through OpenSlide once), "warm" = the steady state of later epochs.
+block cache: every block is decoded once, straight from its JPEG tile by default, or through
+OpenSlide's read_region with decoder="openslide"), "warm" = the steady state of later epochs.
 Both pipelines get the same memory: OpenSlide tile cache of 512 MB for Python, a 512 MB block cache
 (+ 32 MB tile cache) for wsitile.
 
@@ -98,9 +99,11 @@ def test_wsitile_loader(benchmark, bench_slide, grid, threads, shuffle, cache):
         pytest.skip("grid order always uses the block cache")
 
     def make():
-        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
-                              tissue_threshold=None, cache_mb=0 if cache == "none" else CACHE >> 20)
+        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                                center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
+                                tissue_threshold=None, cache_mb=0 if cache == "none" else CACHE >> 20)
+        assert loader.decoders == [("openslide",) * 2 if cache == "none" else ("libjpeg",) * 2]
+        return loader
 
     n = timed_epochs(benchmark, make, cache)
     assert n == len(grid)
@@ -143,6 +146,23 @@ def test_openslide_read_ceiling(benchmark, bench_slide, grid):
     benchmark.pedantic(read, rounds=ROUNDS, iterations=1)
     assert time.perf_counter() > start
     record(benchmark, "OpenSlide read_region ceiling, 1 core", len(grid))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_wsitile_loader_openslide_decoder(benchmark, bench_slide, grid, shuffle):
+    """Cold epochs with every block read through OpenSlide's read_region (the path before direct JPEG
+    decoding, and the one for slides other than tiled JPEG TIFFs)."""
+
+    def make():
+        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                                center=CENTER, stride=STRIDE, batch_size=64, threads=1, shuffle=shuffle,
+                                tissue_threshold=None, cache_mb=CACHE >> 20, decoder="openslide")
+        assert loader.decoders == [("openslide", "openslide")]
+        return loader
+
+    n = timed_epochs(benchmark, make, "cold")
+    assert n == len(grid)
+    record(benchmark, f"wsitile {'shuffled' if shuffle else 'grid'} 1 thread (cold, OpenSlide decoder)", n)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

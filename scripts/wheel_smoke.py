@@ -77,8 +77,14 @@ def main() -> int:
         images = batch["images"]
         assert images.shape == (16, 2, 80, 80, 3) and images.dtype == np.uint8, (images.shape, images.dtype)
         assert images.std() > 5, "blank windows"
-        step(f"extract (OpenSlide {_core.openslide_version()}): {loader.num_samples} windows, "
-             f"{int(loader.labels.sum())} tumour; one batch {images.shape}")
+        # Pillow (a dependency of matplotlib and scikit-image) brings the libjpeg the direct path loads.
+        assert loader.decoders == [("libjpeg", "libjpeg")], loader.decoders
+        reference = wsitile.Loader([(slide, mask)], levels=(2, 3), batch_size=16, shuffle=True, seed=0,
+                                   decoder="openslide")
+        with reference:
+            assert np.array_equal(next(iter(reference))["images"], images), "libjpeg and OpenSlide pixels differ"
+        step(f"extract (OpenSlide {_core.openslide_version()}, JPEG tiles decoded by libjpeg): "
+             f"{loader.num_samples} windows, {int(loader.labels.sum())} tumour; one batch {images.shape}")
 
         params = draw_params(AugmentConfig(), seed=0, epoch=0, sample_indices=batch["sample_index"])
         augmented = wsitile.augment_batch(images, **params)

@@ -24,7 +24,7 @@ class TwoTower(nn.Module):
 
     `frozen_below` is the Keras layer index boundary of partial fine-tuning: BatchNorm layers below it
     keep their stored statistics even when ``train=True`` (the optimiser skips their parameters too;
-    see `wsitile.train`).
+    see `wsitile.training.params.trainable_paths`).
     """
 
     towers: int = 2

@@ -43,3 +43,32 @@ def test_demo_learns_the_synthetic_tumours(tmp_path, capsys):
                     "predictions/tumor_004/heatmap.png"):
         assert picture in report
         assert (out / picture).read_bytes()[:8] == PNG, picture
+
+
+def test_demo_refuses_a_folder_with_a_run_before_any_work(tmp_path, capsys, monkeypatch):
+    """A second demo into the same folder fails at once, in one line naming the folder, with demo's
+    own advice (it has no --resume), before making slides or training."""
+    import orbax.checkpoint as ocp
+
+    from wsitile import train
+
+    out = tmp_path / "demo"
+    mngr = train.checkpoint_manager(out)  # a finished run's checkpoint, as a first demo leaves it
+    try:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2, np.float32)})))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("demo trained into a folder that holds a run")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    assert main(["demo", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("wsitile demo: error: ") and str(out) in lines[0], lines[0]
+    assert "--resume" not in lines[0] and "another --out" in lines[0], lines[0]
+    assert not (out / "slides").exists()  # refused before the synthetic slides
+    assert train.find_checkpoint(out) == (out, 1)  # the earlier run is left as it was

@@ -33,10 +33,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
     from .froc import run_froc
     from .predict import predict_slide
     from .synth import synth_dataset
-    from .train import TrainConfig, fit, read_manifest, split_by_slide
+    from .train import TrainConfig, checkpoint_manager, fit, read_manifest, split_by_slide
 
     t0 = time.monotonic()
     out = cfg.out
+    # Refuse a folder that holds a finished run before any work (training would refuse it only after
+    # the slides are made, and with `wsitile train`'s advice: demo has no --resume).
+    if (out / "checkpoints").is_dir():
+        mngr = checkpoint_manager(out)
+        try:
+            held = mngr.latest_step() is not None
+        finally:
+            mngr.close()
+        if held:
+            raise ValueError(f"{out}: already holds a demo run (checkpoints/); use another --out or delete it")
     # The demo folder is the run directory: checkpoints/, config.json, history.json and training.png
     # from training, then the evaluation's pictures and metrics.json beside them.
     slides_dir, run_dir, pred_dir = out / "slides", out, out / "predictions"

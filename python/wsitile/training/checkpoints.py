@@ -1,0 +1,114 @@
+"""Orbax checkpoints of a run: the train state, the config and the loader state, saved with
+interrupts held; finding, reading and restoring them, and loading one for inference."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import orbax.checkpoint as ocp
+
+from .config import TrainConfig
+from .params import init_variables
+from .steps import Steps, TrainState, create_state, steps_for
+
+
+def checkpoint_manager(run_dir: Path) -> ocp.CheckpointManager:
+    # Synchronous saves: orbax writes into a temporary folder and renames it when complete, so a run
+    # killed at any moment leaves the previous checkpoint intact. Close it when done (its threads).
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C / SIGTERM until the block ends, then deliver them: a save interrupted inside orbax
+    would leave its worker threads half done (the folder rename keeps the files consistent anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # the original handler decides (KeyboardInterrupt, exit, ...)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainConfig, loader_state: dict) -> int:
+    step = int(state.step)
+    meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step}
+    with _interrupts_deferred():
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+    return step
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:
+    """(run dir, step) of the latest checkpoint under `path` (a run dir or its checkpoints/ folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    run_dir = path.parent if path.name == "checkpoints" else path
+    if not (run_dir / "checkpoints").is_dir():
+        raise ValueError(f"{path}: not a wsitile run directory (no checkpoints/ folder)")
+    mngr = checkpoint_manager(run_dir)
+    try:
+        step = mngr.latest_step()
+    finally:
+        mngr.close()
+    if step is None:
+        raise ValueError(f"{path}: holds no complete checkpoint")
+    return run_dir, int(step)
+
+
+def read_checkpoint_meta(run_dir: Path, step: int) -> dict[str, Any]:
+    mngr = checkpoint_manager(run_dir)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return dict(restored["meta"])
+
+
+def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps) -> tuple[TrainState, dict]:
+    """The state saved at `step`, placed on the mesh, and its metadata. Fails naming the folder when
+    the checkpoint does not fit the architecture in `cfg`."""
+    abstract = jax.eval_shape(lambda: create_state(cfg, jax.eval_shape(lambda: init_variables(replace(cfg, weights=None)))))
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=steps.replicated), abstract
+    )
+    mngr = checkpoint_manager(run_dir)
+    try:
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{run_dir / 'checkpoints' / str(step)}: does not match the model "
+            f"(width {cfg.width}, {len(cfg.levels)} towers): {' '.join(str(exc).split())[:200]}"
+        ) from None
+    finally:
+        mngr.close()
+    return restored["state"], dict(restored["meta"])
+
+
+def load_for_inference(checkpoint: str | os.PathLike[str]) -> tuple[TrainConfig, Steps, dict[str, Any]]:
+    """(config, steps, variables) of the latest checkpoint under `checkpoint`, ready for `Steps.predict`."""
+    run_dir, step = find_checkpoint(checkpoint)
+    meta = read_checkpoint_meta(run_dir, step)
+    cfg = TrainConfig.from_json(meta["config"], source=str(run_dir))
+    steps = steps_for(cfg)
+    state, _ = restore_checkpoint(run_dir, step, cfg, steps)
+    return cfg, steps, jax.device_put(state.variables(), steps.replicated)

@@ -1,0 +1,86 @@
+"""The training configuration (saved as config.json beside the checkpoints) and the model it defines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW
+from ..models import TwoTower
+
+SEED_BOUNDARY = 150  # the seed: `for layer in model.layers[:150]: layer.trainable = False`
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as config.json beside the checkpoints (predict reads it)."""
+
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    window: int = DEFAULT_WINDOW
+    center: int = DEFAULT_CENTER
+    stride: int = DEFAULT_STRIDE
+    tissue_threshold: float | None = DEFAULT_TISSUE_THRESHOLD
+    width: float = 1.0  # InceptionV3 width multiplier (0.25: the small CPU variant)
+    weights: str | None = None  # Keras ImageNet HDF5 (notop); None: random initialisation
+    fine_tune_from: int | None = None  # Keras layer index boundary; None: 150 with weights, else 0
+    optimizer: str = "rmsprop"  # "rmsprop" (Liu et al., TF1 semantics) or "adam"
+    learning_rate: float | None = None  # None: 0.002 with weights, 0.05 from scratch (Liu et al.)
+    halve_every: int = 2_000_000  # examples per learning-rate halving (Liu et al.)
+    batch_size: int = 32
+    seed: int = 0
+    augment: bool = True
+    balanced: bool = True  # tumour/normal sampled 1:1
+    dtype: str = "auto"  # compute: "auto" (bfloat16 on GPU, float32 elsewhere), "float32", "bfloat16", "float64" (checks; needs jax_enable_x64)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        if self.optimizer not in ("rmsprop", "adam"):
+            raise ValueError(f"optimizer {self.optimizer!r}: expected 'rmsprop' or 'adam'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float64"):
+            raise ValueError(f"dtype {self.dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float64'")
+        if not self.width > 0:
+            raise ValueError(f"width {self.width}: must be > 0")
+        if self.weights is not None and self.width != 1.0:
+            raise ValueError(f"width {self.width}: ImageNet weights ({self.weights}) need width 1.0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size {self.batch_size}: must be >= 1")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate {self.learning_rate}: must be > 0")
+
+    @property
+    def boundary(self) -> int:
+        if self.fine_tune_from is not None:
+            return int(self.fine_tune_from)
+        return SEED_BOUNDARY if self.weights else 0
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return 0.002 if self.weights else 0.05
+
+    def compute_dtype(self) -> Any:
+        if self.dtype == "auto":
+            return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        return jnp.dtype(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["levels"] = list(self.levels)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
+        return cls(**d)
+
+
+def build_model(cfg: TrainConfig) -> TwoTower:
+    return TwoTower(towers=len(cfg.levels), width=cfg.width, dtype=cfg.compute_dtype(), frozen_below=cfg.boundary)
+

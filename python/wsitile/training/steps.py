@@ -1,0 +1,161 @@
+"""The optimiser, the train state and the jitted steps.
+
+One jitted step over a `Mesh` of every local device: the batch is sharded on the ``data`` axis,
+parameters and optimiser state are replicated, the state is donated. Parameters are float32; compute
+is bfloat16 on GPU and float32 on CPU. Partial fine-tuning splits the parameters into a trainable and
+a frozen dict keyed by path, so gradients and optimiser state exist only for the trainable part and
+backpropagation stops at the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Sequence, cast
+
+import numpy as np
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .config import TrainConfig, build_model
+from .params import flat, init_variables, nested, trainable_paths
+
+# --- optimiser and state ---------------------------------------------------------------------------
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Liu et al.: the learning rate halves every `halve_every` examples (2M)."""
+    return optax.exponential_decay(
+        cfg.lr, transition_steps=max(1, cfg.halve_every // cfg.batch_size), decay_rate=0.5, staircase=True
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg)
+    if cfg.optimizer == "adam":
+        return optax.adam(schedule)
+    # TensorFlow 1's RMSProp: epsilon inside the square root, accumulator starting at 1, momentum 0.9.
+    return optax.rmsprop(schedule, decay=0.9, eps=1.0, momentum=0.9, initial_scale=1.0, eps_in_sqrt=True)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict[str, jax.Array]  # flat {path: array}
+    frozen: dict[str, jax.Array]
+    batch_stats: dict[str, Any]
+    opt_state: Any
+
+    def params(self) -> dict[str, Any]:
+        return nested({**self.frozen, **self.trainable})
+
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params(), "batch_stats": self.batch_stats}
+
+
+def create_state(cfg: TrainConfig, variables: dict[str, Any] | None = None) -> TrainState:
+    variables = init_variables(cfg) if variables is None else variables
+    params = variables["params"]
+    keep = trainable_paths(params, cfg.boundary)
+    every = flat(params)
+    trainable = {k: v for k, v in every.items() if k in keep}
+    frozen = {k: v for k, v in every.items() if k not in keep}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        batch_stats=variables["batch_stats"],
+        opt_state=make_optimizer(cfg).init(trainable),
+    )
+
+
+# --- steps -----------------------------------------------------------------------------------------
+
+
+class Steps:
+    """The jitted train and predict steps over a data-parallel mesh of `devices` (default: all)."""
+
+    def __init__(self, cfg: TrainConfig, devices: Sequence[Any] | None = None):
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.tx = make_optimizer(cfg)
+        devices = list(jax.devices() if devices is None else devices)
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+        self.predict_step = jax.jit(
+            self._predict_step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+    def _train_step(self, state: TrainState, images: jax.Array, labels: jax.Array):
+        def loss_fn(trainable):
+            variables = {"params": nested({**state.frozen, **trainable}), "batch_stats": state.batch_stats}
+            logits, updates = self.model.apply(variables, images, train=True, mutable=["batch_stats"])
+            loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+        new = replace(  # dataclasses.replace: flax's state.replace() is invisible to mypy
+            state,
+            step=state.step + 1,
+            trainable=optax.apply_updates(state.trainable, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        return new, {"loss": loss}
+
+    def model_probs(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        """Tumour probabilities in inference mode (traceable: use inside jit)."""
+        logits = cast(jax.Array, self.model.apply(variables, images, train=False))  # no mutable: no state
+        return jax.nn.sigmoid(logits)
+
+    def _predict_step(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        return self.model_probs(variables, images)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+    def place_batch(self, array: np.ndarray) -> jax.Array:
+        # Each process passes its own share; single-process this is a sharded device_put.
+        return jax.make_array_from_process_local_data(self.batch_sharding, array)
+
+    def predict(
+        self, variables: dict[str, Any], images: np.ndarray, step: Callable | None = None, pad_to: int = 0
+    ) -> np.ndarray:
+        """Probabilities for a host batch, by `predict_step` or another jitted step with the same
+        shardings. The batch is padded to `pad_to` and to a multiple of the device count, so a short
+        last batch does not compile the model again."""
+        n = len(images)
+        size = max(n, pad_to)
+        pad = size + (-size) % self.num_devices - n
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        return np.asarray((step or self.predict_step)(variables, self.place_batch(images)))[:n]
+
+
+_STEPS: dict[tuple[TrainConfig, tuple[Any, ...]], Steps] = {}
+
+
+def steps_for(cfg: TrainConfig, devices: Sequence[Any] | None = None) -> Steps:
+    """A `Steps` per (config, devices), kept for the process: a second run with the same settings
+    (resuming, validating, predicting) reuses the compiled steps."""
+    key = (cfg, tuple(jax.devices() if devices is None else devices))
+    if key not in _STEPS:
+        _STEPS[key] = Steps(cfg, key[1])
+    return _STEPS[key]

@@ -63,7 +63,7 @@ extern "C" void on_emit_message(j_common_ptr cinfo, int msg_level) {
   if (msg_level < 0) on_error_exit(cinfo);
 }
 
-// One decompressor per thread, created on first use and reused for every tile.
+// A decompressor and its error handler.
 struct Decoder {
   jpeg_decompress_struct cinfo;
   ErrorMgr err;
@@ -237,8 +237,10 @@ void JpegTileReader::read_tile(const JpegTileLevel& page, int64_t col, int64_t r
     got += static_cast<size_t>(r);
   }
 
-  thread_local Decoder dec;
-  if (!dec.created && !create(dec, api)) fail(std::string("libjpeg: ") + dec.err.message);
+  // A fresh decompressor per tile, as OpenSlide does: tables left over from another page's tile can
+  // never stand in for ones this tile lacks (creating one costs microseconds against the decode).
+  Decoder dec;
+  if (!create(dec, api)) fail(std::string("libjpeg: ") + dec.err.message);
   if (!decode(dec, api, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile, dst)) {
     fail(std::string("libjpeg: ") + dec.err.message);
   }

@@ -19,15 +19,16 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax
 if [ -n "${OUT:-}" ]; then LOG="$OUT/$PART.log"; else LOG="/tmp/wsitile-gpu-$PART.log"; fi
-exec > >(tee -a "$LOG") 2>&1
+
+suite() {
 echo "== $PART: $(date -u +%FT%TZ); $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi'); $(nproc) cores"
 
 # 1. The carried wheels, except wsitile's own (step 2 decides about that one).
 shopt -s nullglob
 wheels=()
 for w in .whl/*.whl; do [[ $(basename "$w") == wsitile-* ]] || wheels+=("$w"); done
-if [ ${#wheels[@]} -eq 0 ]; then echo "no wheels in .whl/: run benchmarks/gpu/fetch_wheels.sh here and carry .whl"; exit 1; fi
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || exit 1
+if [ ${#wheels[@]} -eq 0 ]; then echo "no wheels in .whl/: run benchmarks/gpu/fetch_wheels.sh here and carry .whl"; return 1; fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || return 1
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. wsitile: the carried wheel when it was built from exactly these sources, else build it here
@@ -42,11 +43,11 @@ if [ ${#carried[@]} -eq 1 ] && [ "$(cat .whl/wsitile.srchash 2>/dev/null)" = "$h
 else
   echo "wsitile: building from source here (no carried wheel for sources $hash, or it did not import)"
   rm -rf /tmp/wsitile-wheel
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip wheel -q --no-build-isolation --no-deps -w /tmp/wsitile-wheel . || exit 1
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" /tmp/wsitile-wheel/wsitile-*.whl || exit 1
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip wheel -q --no-build-isolation --no-deps -w /tmp/wsitile-wheel . || return 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" /tmp/wsitile-wheel/wsitile-*.whl || return 1
   if [ -n "${OUT:-}" ]; then cp /tmp/wsitile-wheel/wsitile-*.whl "$OUT/" && echo "$hash" > "$OUT/wsitile.srchash"; fi
 fi
-"$PY" - <<'EOF' || exit 1
+"$PY" - <<'EOF' || return 1
 from importlib.metadata import PackageNotFoundError, version
 import wsitile, openslide, imagecodecs, tifffile
 
@@ -67,3 +68,8 @@ budget=(--budget "$left")
 for a in "$@"; do [ "$a" = --budget ] && budget=(); done
 echo "== running benchmarks.gpu.$PART (${left} s left)"
 "$PY" -m "benchmarks.gpu.$PART" "${budget[@]}" "$@"
+}
+
+# A pipeline, not `exec > >(tee ...)`: the call returns only after tee has written the table.
+suite "$@" 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One device call of the GPU suite (issue 6): install the carried wheels, make wsitile importable,
+# run one part, tee everything into $OUT/PART.log. The part's table is the last thing printed.
+#
+#   bash benchmarks/gpu/run_suite.sh steps|loader|inference [arguments for that script]
+#
+# Environment: SUITE_SECONDS (default 465): the whole call's budget; the part gets what the install
+# left (pass --budget to override). PYTHON (default python3). SITE (default /tmp/site): where the
+# wheels go (PYTHONPATH; the image's own site-packages stay untouched).
+set -uo pipefail
+PART=${1:-}
+case "$PART" in
+  steps|loader|inference) shift ;;
+  *) echo "usage: $0 steps|loader|inference [args...]" >&2; exit 2 ;;
+esac
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax
+if [ -n "${OUT:-}" ]; then LOG="$OUT/$PART.log"; else LOG="/tmp/wsitile-gpu-$PART.log"; fi
+
+suite() {
+echo "== $PART: $(date -u +%FT%TZ); $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi'); $(nproc) cores"
+
+# 1. The carried wheels, except wsitile's own (step 2 decides about that one).
+shopt -s nullglob
+wheels=()
+for w in .whl/*.whl; do [[ $(basename "$w") == wsitile-* ]] || wheels+=("$w"); done
+if [ ${#wheels[@]} -eq 0 ]; then echo "no wheels in .whl/: run benchmarks/gpu/fetch_wheels.sh here and carry .whl"; return 1; fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || return 1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. wsitile: the carried wheel when it was built from exactly these sources, else build it here
+#    (the image has pybind11, scikit-build-core and CMake) and hand the wheel back through $OUT, so
+#    that the next call can carry it.
+hash=$(bash benchmarks/gpu/srchash.sh)
+carried=(.whl/wsitile-*.whl)
+if [ ${#carried[@]} -eq 1 ] && [ "$(cat .whl/wsitile.srchash 2>/dev/null)" = "$hash" ] \
+   && "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${carried[0]}" \
+   && "$PY" -c 'import wsitile._core' 2>/dev/null; then
+  echo "wsitile: carried wheel $(basename "${carried[0]}") (sources $hash)"
+else
+  echo "wsitile: building from source here (no carried wheel for sources $hash, or it did not import)"
+  rm -rf /tmp/wsitile-wheel
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip wheel -q --no-build-isolation --no-deps -w /tmp/wsitile-wheel . || return 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" /tmp/wsitile-wheel/wsitile-*.whl || return 1
+  if [ -n "${OUT:-}" ]; then cp /tmp/wsitile-wheel/wsitile-*.whl "$OUT/" && echo "$hash" > "$OUT/wsitile.srchash"; fi
+fi
+"$PY" - <<'EOF' || return 1
+from importlib.metadata import PackageNotFoundError, version
+import wsitile, openslide, imagecodecs, tifffile
+
+def v(p):
+    try:
+        return version(p)
+    except PackageNotFoundError:
+        return "missing"
+
+print("versions:", ", ".join(f"{p} {v(p)}" for p in (
+    "wsitile", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "keras", "torch", "torchvision",
+    "openslide-python", "openslide-bin", "imagecodecs", "tifffile", "numpy")), "; openslide", openslide.__library_version__)
+EOF
+
+# 3. The part, with what is left of the budget.
+left=$(( ${SUITE_SECONDS:-465} - SECONDS - 5 ))
+budget=(--budget "$left")
+for a in "$@"; do [ "$a" = --budget ] && budget=(); done
+echo "== running benchmarks.gpu.$PART (${left} s left)"
+"$PY" -m "benchmarks.gpu.$PART" "${budget[@]}" "$@"
+}
+
+# A pipeline, not `exec > >(tee ...)`: the call returns only after tee has written the table.
+suite "$@" 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"

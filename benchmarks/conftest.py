@@ -28,6 +28,9 @@ RATIOS = [
     ("wsitile grid 1 thread (cold cache)", "wsitile grid 1 thread (cold, OpenSlide decoder)"),
     ("wsitile grid 1 thread (cold cache)", "JPEG decode ceiling, 1 core"),
     ("python grid", "OpenSlide read_region ceiling, 1 core"),
+    ("labels from mask tiles, 1 thread", "labels through OpenSlide, 1 thread"),
+    ("labels from mask tiles, 1 thread", "labels with NumPy on the whole level-0 mask"),
+    ("labels from mask tiles, 2 threads", "labels from mask tiles, 1 thread"),
 ]
 
 

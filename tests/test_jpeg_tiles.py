@@ -116,6 +116,8 @@ def test_synthetic_slide_tiles_match_openslide(tumour_slide, libjpeg):
     layout = jpeg_tiles.tile_layout(path)
     slide = openslide.OpenSlide(path)
     assert layout is not None and len(layout.page_sizes) == slide.level_count
+    only = jpeg_tiles.tile_layout(path, {slide.level_dimensions[2], slide.level_dimensions[3]})
+    assert only is not None and only.page_sizes == [(*slide.level_dimensions[k], TILE) for k in (2, 3)]
     rng = np.random.default_rng(1)
     for page, (w, h) in enumerate(slide.level_dimensions):
         for col, row in {(0, 0), (-(-w // TILE) - 1, -(-h // TILE) - 1), *map(tuple, rng.integers(0, -(-w // TILE), (3, 2)))}:
@@ -165,7 +167,7 @@ def test_failed_check_falls_back_to_openslide(crafted, libjpeg, monkeypatch):
         ]
     wrong = _core.JpegTileLayout((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), pages)
     assert not np.array_equal(_core.read_jpeg_tile(crafted, wrong, 0, 1, 1), _core.read_jpeg_tile(crafted, good, 0, 1, 1))
-    monkeypatch.setattr(jpeg_tiles, "tile_layout", lambda path: wrong)
+    monkeypatch.setattr(jpeg_tiles, "tile_layout", lambda path, sizes=None: wrong)
     kwargs = dict(levels=(0, 1), window=80, stride=80, tissue_threshold=None, shuffle=False, threads=1)
     fallback = wsitile.Loader([(crafted, None)], **kwargs)
     assert fallback.decoders == [("openslide", "openslide")]

@@ -64,12 +64,16 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def tile_layout(path: str | os.PathLike[str]) -> _core.JpegTileLayout | None:
+def tile_layout(
+    path: str | os.PathLike[str], sizes: "set[tuple[int, int]] | None" = None
+) -> _core.JpegTileLayout | None:
     """The tiled JPEG pages of a TIFF slide that OpenSlide reads as generic-tiff, or None.
 
     A page qualifies when it is tiled with square tiles, JPEG-compressed, 8-bit RGB or YCbCr,
-    interleaved, and has no missing tile (byte count 0). Which OpenSlide level a page serves is
-    decided in the core by size, and only after the check against OpenSlide.
+    interleaved, and has no missing tile (byte count 0); with `sizes`, only pages of those (width,
+    height) are read (the loader's tower levels: a Camelyon16 level 0 alone has ~80,000 tiles). Which
+    OpenSlide level a page serves is decided in the core by size, and only after the check against
+    OpenSlide.
     """
     import openslide
     import tifffile
@@ -84,6 +88,7 @@ def tile_layout(path: str | os.PathLike[str]) -> _core.JpegTileLayout | None:
             for page in tif.pages:
                 if not (
                     isinstance(page, tifffile.TiffPage)
+                    and (sizes is None or (page.imagewidth, page.imagelength) in sizes)
                     and page.is_tiled
                     and page.tilewidth == page.tilelength
                     and page.tiledepth == 1

@@ -131,19 +131,18 @@ class Loader:
         specs = [_spec(s) for s in slides]
         if not specs:
             raise ValueError("slides: the list is empty")
-        self.grids: list[Grid] = [
-            build_grid(
-                Slide(path),
-                mask,
-                levels=levels,
-                window=window,
-                center=center,
-                stride=stride,
-                tissue_threshold=tissue_threshold,
-                threads=threads,
+        use_jpeg_tiles = decoder == "auto" and jpeg_tiles.ensure_libjpeg()
+        self.grids: list[Grid] = []
+        layouts: list[_core.JpegTileLayout | None] = []
+        for path, mask in specs:
+            slide = Slide(path)
+            self.grids.append(
+                build_grid(slide, mask, levels=levels, window=window, center=center, stride=stride,
+                           tissue_threshold=tissue_threshold, threads=threads)
             )
-            for path, mask in specs
-        ]
+            if use_jpeg_tiles:  # only the tower levels' pages (a Camelyon16 level 0 has ~80,000 tiles)
+                sizes = {slide.level_dimensions[lvl] for lvl in self.grids[-1].levels}
+                layouts.append(jpeg_tiles.tile_layout(path, sizes))
         if sum(len(g) for g in self.grids) == 0:
             raise ValueError(
                 f"no windows: the tissue filter (threshold {tissue_threshold}) kept none in "
@@ -165,9 +164,6 @@ class Loader:
         self.slide_index = np.concatenate([np.full(len(g), i, dtype=np.int32) for i, g in enumerate(self.grids)])
         self.labels = np.concatenate([g.labels for g in self.grids])
         self.coords = np.concatenate([g.coords for g in self.grids])
-        layouts = []
-        if decoder == "auto" and jpeg_tiles.ensure_libjpeg():
-            layouts = [jpeg_tiles.tile_layout(path) for path in self.slides]
         self._core = _core.Loader(
             self.slides,
             self.slide_index,

@@ -426,8 +426,8 @@ void Loader::assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64
 
 void Loader::choose_block_policy() {
   // Blocks need integral downsamples. In grid order they always pay (neighbouring windows share
-  // blocks while they are hot); in random order only when every block the epoch can touch fits, or
-  // the LRU would thrash and read 256x256 blocks for one 80x80 window.
+  // blocks while they are hot); in random order blocks read through OpenSlide only when every block
+  // the epoch can touch fits, or the LRU would thrash and read 256x256 blocks for one 80x80 window.
   if (!blocks_) return;
   const bool random_access = cfg_.shuffle || cfg_.balanced;
   size_t working_set = 0;
@@ -453,7 +453,13 @@ void Loader::choose_block_policy() {
     }
   }
   const bool fits = !random_access || working_set <= blocks_->capacity();
-  for (auto& g : geometry_) g.blocks = g.exact && fits;
+  for (auto& g : geometry_) {
+    // Blocks that are JPEG tiles decoded straight from the file pay even when they thrash: a miss
+    // decodes the tile, as OpenSlide's own tile cache would on its (more frequent) misses, and a hit
+    // is a memcpy instead of read_region's compositing.
+    const bool all_jpeg = std::all_of(g.jpeg.begin(), g.jpeg.end(), [](bool j) { return j; });
+    g.blocks = g.exact && (fits || all_jpeg);
+  }
 }
 
 bool Loader::wait(std::chrono::milliseconds timeout) {

@@ -59,12 +59,13 @@ class Loader:
     `set_state()` save and restore the position for checkpoints.
 
     `cache_mb` bounds the RGB block cache the workers share: windows are assembled from blocks read
-    once (slides with integral downsamples; in shuffled order only when all blocks the epoch can touch
-    fit, else one OpenSlide read per window). With ``decoder="auto"`` (default) the blocks of a tiled
+    once (slides with integral downsamples). With ``decoder="auto"`` (default) the blocks of a tiled
     JPEG TIFF (Camelyon16's format) are its tiles, decoded straight from the file with libjpeg-turbo,
     several times faster than OpenSlide's read_region and checked per level to give its exact pixels
-    (`wsitile.jpeg_tiles`); other slides, and ``decoder="openslide"``, use 256x256 blocks read through
-    OpenSlide. `decoders` says which path each tower takes. `tile_cache_mb` bounds OpenSlide's
+    (`wsitile.jpeg_tiles`); they are used in any order, since a miss costs what OpenSlide's own tile
+    cache pays on its misses. Other slides, and ``decoder="openslide"``, use 256x256 blocks read
+    through OpenSlide, in shuffled order only when all blocks the epoch can touch fit (else one
+    OpenSlide read per window). `decoders` says which path each tower takes. `tile_cache_mb` bounds OpenSlide's
     own decoded-tile cache, one cache shared by all the loader's slides (0: no tile caching). Memory
     therefore stays within cache_mb + tile_cache_mb + the batches in flight (about 2 x threads chunks).
 

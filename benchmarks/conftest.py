@@ -28,6 +28,8 @@ RATIOS = [
     ("wsitile grid 1 thread (cold cache)", "wsitile grid 1 thread (cold, OpenSlide decoder)"),
     ("wsitile grid 1 thread (cold cache)", "JPEG decode ceiling, 1 core"),
     ("python grid", "OpenSlide read_region ceiling, 1 core"),
+    ("wsitile shuffled 1 thread (16 MB cache)", "wsitile shuffled 1 thread (16 MB cache, OpenSlide decoder)"),
+    ("wsitile shuffled 1 thread (16 MB cache)", "python shuffled"),
     ("labels from mask tiles, 1 thread", "labels through OpenSlide, 1 thread"),
     ("labels from mask tiles, 1 thread", "labels with NumPy on the whole level-0 mask"),
     ("labels from mask tiles, 2 threads", "labels from mask tiles, 1 thread"),

@@ -178,3 +178,20 @@ def test_wsitile_loader_augmented(benchmark, bench_slide, grid, threads, cache):
     n = timed_epochs(benchmark, make, cache)
     assert n == len(grid)
     record(benchmark, f"wsitile grid {threads} thread{'s' if threads > 1 else ''} augmented ({cache} cache)", n)
+
+
+@pytest.mark.parametrize("decoder", ["auto", "openslide"])
+def test_wsitile_loader_small_cache(benchmark, bench_slide, grid, decoder):
+    """Shuffled, 1 thread, with a 16 MB block cache the epoch's ~63 MB of blocks do not fit: JPEG tile
+    blocks thrash (a miss is a tile decode) against OpenSlide, one read_region per window."""
+
+    def make():
+        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                                center=CENTER, stride=STRIDE, batch_size=64, threads=1, shuffle=True,
+                                tissue_threshold=None, cache_mb=16, decoder=decoder)
+        assert loader.decoders == [("libjpeg",) * 2 if decoder == "auto" else ("openslide",) * 2]
+        return loader
+
+    n = timed_epochs(benchmark, make, "cold")
+    assert n == len(grid)
+    record(benchmark, f"wsitile shuffled 1 thread (16 MB cache{', OpenSlide decoder' if decoder != 'auto' else ''})", n)

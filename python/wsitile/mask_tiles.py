@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, cast
 
 import numpy as np
 import tifffile
@@ -27,9 +28,10 @@ LOSSLESS = {1, 5, 8, 32946, 32773, 50000}
 
 def _level0_page(tif: tifffile.TiffFile, width: int, height: int) -> tifffile.TiffPage | None:
     page = tif.pages[0]
+    if not isinstance(page, tifffile.TiffPage):
+        return None
     ok = (
-        isinstance(page, tifffile.TiffPage)
-        and page.is_tiled
+        page.is_tiled
         and page.tiledepth == 1
         and page.imagedepth == 1
         and (page.imagewidth, page.imagelength) == (width, height)
@@ -77,15 +79,16 @@ def any_in_rects(mask: str | os.PathLike[str], rects: np.ndarray, width: int, he
         offsets, counts = page.dataoffsets, page.databytecounts
         by_content: dict[bytes, list[int]] = defaultdict(list)
         present = [int(t) for t in tiles if counts[t] > 0]  # a missing tile (0 bytes) is background
-        for data, index in tif.filehandle.read_segments(
+        segments = tif.filehandle.read_segments(
             [offsets[t] for t in present], [counts[t] for t in present], indices=present, sort=True
-        ):
+        )
+        for data, index in cast("Iterator[tuple[bytes, int]]", segments):
             by_content[bytes(data)].append(index)
 
         def tumour(item: tuple[bytes, list[int]]) -> tuple[np.ndarray | None, list[int]]:
             data, where = item
             pixels = page.decode(data, where[0], jpegtables=page.jpegtables)[0]
-            m = np.asarray(pixels).reshape(th, tw, -1).any(axis=2)
+            m: np.ndarray = np.asarray(np.asarray(pixels).reshape(th, tw, -1).any(axis=2))
             return (m if m.any() else None), where
 
         hits = np.zeros(len(r), dtype=bool)

@@ -14,7 +14,8 @@
 //   3. contrast + clip + interleave + convert to the out dtype.
 // Identity colour parameters skip 2 and 3's arithmetic: a straight oriented copy/convert.
 //
-// Vectorisation (GCC 12.2, -O3 -fopenmp-simd -fno-trapping-math; checked with -fopt-info-vec-all on
+// Vectorisation (GCC 12.2, -O3 -fopenmp-simd -fno-trapping-math -ffinite-math-only -fno-signed-zeros, the
+// last two so that clips become vmaxps/vminps rather than compare + blend; checked with -fopt-info-vec-all on
 // this file and in the disassembly of _core: vdivps/vcvttps2dq on ymm registers in the .avx2 clone):
 //   the HSV loop in hsv_row (with its simd reduction) and the contrast/clip loop (contrast_plane):
 //   "loop vectorized using 32 byte vectors" (avx2 clone) and "16 byte vectors" (default SSE2 clone);

@@ -75,12 +75,16 @@ def write_tiff(path, *, ycbcr: bool, tables: bool, seed: int = 0) -> None:
                 page.tags["PhotometricInterpretation"].overwrite(2)
 
 
+def over_white(rgba) -> np.ndarray:
+    """openslide-python's RGBA composited over white, as wsitile does (premultiplied: c + 255 - a)."""
+    rgba = np.asarray(rgba)
+    return (rgba[..., :3] + (255 - rgba[..., 3:].astype(np.uint16))).astype(np.uint8)
+
+
 def openslide_tile(slide: openslide.OpenSlide, level: int, col: int, row: int) -> np.ndarray:
-    """Tile (col, row) of `level` through openslide-python: RGBA composited over white."""
+    """Tile (col, row) of `level` through openslide-python, over white."""
     d = int(slide.level_downsamples[level])
-    rgba = np.asarray(slide.read_region((col * TILE * d, row * TILE * d), level, (TILE, TILE)))
-    alpha = rgba[..., 3:].astype(np.uint16)
-    return (rgba[..., :3] + (255 - alpha)).astype(np.uint8)  # premultiplied over white, as wsitile does
+    return over_white(slide.read_region((col * TILE * d, row * TILE * d), level, (TILE, TILE)))
 
 
 @pytest.fixture(scope="module", params=["ycbcr-tables", "rgb-tables", "ycbcr"])
@@ -148,9 +152,7 @@ def test_loader_decodes_tiles_and_matches_openslide(crafted, libjpeg, shuffle):
         x, y = (int(v) for v in batch["coords"][k])  # level 0 = level Lb here
         for t, level in enumerate((0, 1)):
             loc = place(x, y, 80, ds[0], ds[level])
-            rgba = np.asarray(slide.read_region(loc, level, (80, 80)))
-            ref = (rgba[..., :3] + (255 - rgba[..., 3:].astype(np.uint16))).astype(np.uint8)
-            np.testing.assert_array_equal(batch["images"][k, t], ref)
+            np.testing.assert_array_equal(batch["images"][k, t], over_white(slide.read_region(loc, level, (80, 80))))
 
 
 def test_failed_check_falls_back_to_openslide(crafted, libjpeg, monkeypatch):

@@ -97,22 +97,13 @@ Mapping orientation_mapping(int64_t h, int64_t w, int rot90, bool flip) {
   return {oh, ow, ai0 * w + bj0, aii * w + bji, aij * w + bjj};
 }
 
-// Pass 1 for one output row: n pixels from src (interleaved u8, pixel step `step`) -> planes.
-WSITILE_INLINE void load_row(const uint8_t* __restrict s, int64_t step, int64_t n, float k, float b,
-                             float* __restrict r, float* __restrict g, float* __restrict bl) {
-  if (step == 1) {
-    for (int64_t j = 0; j < n; ++j) {  // vectorises (stride-3 loads via permutes)
-      r[j] = static_cast<float>(s[3 * j]) * k + b;
-      g[j] = static_cast<float>(s[3 * j + 1]) * k + b;
-      bl[j] = static_cast<float>(s[3 * j + 2]) * k + b;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint8_t* p = s + 3 * step * j;
-      r[j] = static_cast<float>(p[0]) * k + b;
-      g[j] = static_cast<float>(p[1]) * k + b;
-      bl[j] = static_cast<float>(p[2]) * k + b;
-    }
+// Pass 1 for one output row: n contiguous pixels from src (interleaved u8) -> planes.
+WSITILE_INLINE void load_row(const uint8_t* __restrict s, int64_t n, float k, float b, float* __restrict r,
+                             float* __restrict g, float* __restrict bl) {
+  for (int64_t j = 0; j < n; ++j) {  // vectorises (stride-3 loads via permutes)
+    r[j] = static_cast<float>(s[3 * j]) * k + b;
+    g[j] = static_cast<float>(s[3 * j + 1]) * k + b;
+    bl[j] = static_cast<float>(s[3 * j + 2]) * k + b;
   }
 }
 
@@ -277,7 +268,7 @@ WSITILE_INLINE void run(const uint8_t* src, const Mapping& mp, const AugmentPara
     float* r = R + ow * i;
     float* g = G + ow * i;
     float* b = B + ow * i;
-    load_row(src + 3 * (m.c0 + m.di * i), m.dj, ow, k, p.brightness, r, g, b);
+    load_row(src + 3 * (m.c0 + m.di * i), ow, k, p.brightness, r, g, b);
     hsv_row(r, g, b, ow, p.saturation, p.hue, sums);  // row still in L1
   }
   float* plane[3] = {R, G, B};

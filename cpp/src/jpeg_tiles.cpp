@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,8 +21,6 @@
 
 namespace wsitile {
 
-namespace {
-
 struct LibJpeg {
   std::string path;
   jpeg_error_mgr* (*std_error)(jpeg_error_mgr*) = nullptr;
@@ -35,6 +32,8 @@ struct LibJpeg {
   boolean (*start_decompress)(j_decompress_ptr) = nullptr;
   JDIMENSION (*read_scanlines)(j_decompress_ptr, JSAMPARRAY, JDIMENSION) = nullptr;
 };
+
+namespace {
 
 std::mutex g_load_mu;
 const LibJpeg* g_lib = nullptr;  // set once under g_load_mu, never freed (dlopen'd for the process)
@@ -180,18 +179,11 @@ bool libjpeg_loaded() {
 
 JpegTileReader::JpegTileReader(const std::string& path, std::shared_ptr<const JpegTileLayout> layout)
     : path_(path), layout_(std::move(layout)) {
-  lib();  // throws when libjpeg is not loaded
+  api_ = &lib();  // throws when libjpeg is not loaded; once loaded it stays for the process
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw FileNotFound(path_ + ": cannot open: " + std::strerror(errno));
-  struct stat st;
-  FileIdentity now;
-  if (::fstat(fd_, &st) == 0) {
-    now.dev = static_cast<uint64_t>(st.st_dev);
-    now.ino = static_cast<uint64_t>(st.st_ino);
-    now.size = static_cast<int64_t>(st.st_size);
-    now.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(st.st_mtim.tv_nsec);
-  }
-  if (now != layout_->identity) {
+  const std::optional<FileIdentity> now = file_identity(fd_);
+  if (!now || *now != layout_->identity) {
     ::close(fd_);
     throw SlideChanged(path_ + ": the slide file changed since its JPEG tile layout was read; refusing to mix "
                                "pixels of two files");
@@ -213,7 +205,7 @@ const JpegTileLevel* JpegTileReader::page(int64_t width, int64_t height) const {
 }
 
 void JpegTileReader::read_tile(const JpegTileLevel& page, int64_t col, int64_t row, uint8_t* dst) const {
-  const LibJpeg& api = lib();
+  const LibJpeg& api = *api_;
   auto fail = [&](const std::string& why) {
     std::ostringstream msg;
     msg << path_ << ": JPEG tile (" << col << ", " << row << ") of the " << page.width << "x" << page.height

@@ -24,15 +24,27 @@ TileCache::~TileCache() {
   if (cache_) openslide_api().cache_release(cache_);
 }
 
-std::optional<FileIdentity> file_identity(const std::string& path) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+namespace {
+FileIdentity identity_of(const struct stat& st) {
   FileIdentity id;
   id.dev = static_cast<uint64_t>(st.st_dev);
   id.ino = static_cast<uint64_t>(st.st_ino);
   id.size = static_cast<int64_t>(st.st_size);
   id.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(st.st_mtim.tv_nsec);
   return id;
+}
+}  // namespace
+
+std::optional<FileIdentity> file_identity(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return identity_of(st);
+}
+
+std::optional<FileIdentity> file_identity(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return std::nullopt;
+  return identity_of(st);
 }
 
 namespace {
@@ -99,7 +111,7 @@ Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr
   }
   if (cache_) api_->set_cache(osr_, cache_->get());
   jpeg_checked_.reset(new std::once_flag[levels_.size()]);
-  jpeg_tile_.assign(levels_.size(), 0);
+  jpeg_page_.assign(levels_.size(), nullptr);
   if (jpeg_tiles) {
     try {
       if (jpeg_tiles->identity != identity_) {
@@ -118,9 +130,9 @@ Slide::~Slide() {
   if (osr_) api_->close(osr_);
 }
 
-int32_t Slide::jpeg_tile_size(int32_t lvl) const {
+const JpegTileLevel* Slide::jpeg_page(int32_t lvl) const {
   const LevelInfo& info = level(lvl);
-  if (!jpeg_ || vendor_ != "generic-tiff") return 0;  // other vendors' tile semantics are not checked
+  if (!jpeg_ || vendor_ != "generic-tiff") return nullptr;  // other vendors' tile semantics are not checked
   std::call_once(jpeg_checked_[lvl], [&] {
     const JpegTileLevel* page = jpeg_->page(info.width, info.height);
     if (!page || info.downsample != std::floor(info.downsample) || page->tile < 16 || page->tile > 4096) return;
@@ -139,20 +151,23 @@ int32_t Slide::jpeg_tile_size(int32_t lvl) const {
     } catch (const SlideReadError&) {
       return;  // OpenSlide cannot read it either: the loader's fault handling takes it from here
     }
-    if (direct == oracle) jpeg_tile_[lvl] = page->tile;
+    if (direct == oracle) jpeg_page_[lvl] = page;
   });
-  return jpeg_tile_[lvl];
+  return jpeg_page_[lvl];
+}
+
+int32_t Slide::jpeg_tile_size(int32_t lvl) const {
+  const JpegTileLevel* page = jpeg_page(lvl);
+  return page ? page->tile : 0;
 }
 
 void Slide::read_block(int32_t lvl, int64_t bx, int64_t by, int64_t size, uint8_t* dest) const {
-  const int32_t tile = jpeg_tile_size(lvl);
-  if (tile > 0 && size == tile) {
-    const LevelInfo& info = level(lvl);
-    const JpegTileLevel& page = *jpeg_->page(info.width, info.height);
-    if (bx < 0 || by < 0 || bx >= page.tiles_across() || by >= page.tiles_down()) {
+  const JpegTileLevel* page = jpeg_page(lvl);
+  if (page && size == page->tile) {
+    if (bx < 0 || by < 0 || bx >= page->tiles_across() || by >= page->tiles_down()) {
       std::memset(dest, 255, static_cast<size_t>(size * size * 3));  // wholly outside the slide: white
     } else {
-      jpeg_->read_tile(page, bx, by, dest);
+      jpeg_->read_tile(*page, bx, by, dest);
     }
     return;
   }

@@ -75,8 +75,9 @@ class BlockCache {
   static constexpr int64_t kSize = 256;      // block edge read through OpenSlide
   static constexpr int64_t kMaxSize = 4096;  // largest block edge (a JPEG tile) the loader uses
 
-  // The arena may map up to the capacity plus one chunk per block size in use (slack for the blocks
-  // being filled and those evicted while a worker still copies from them).
+  // The arena maps at most the capacity + 64 MiB (and the chunk that crosses that line): slack for
+  // blocks being filled, blocks evicted while a worker still copies from them, and free slots of
+  // another block size.
   explicit BlockCache(size_t capacity_bytes)
       : capacity_(capacity_bytes), arena_(std::make_shared<BlockArena>(capacity_bytes + (size_t{64} << 20))) {}
 

@@ -36,6 +36,8 @@ struct JpegTileLayout {
   std::vector<JpegTileLevel> pages;
 };
 
+struct LibJpeg;  // the dlopen'ed functions (jpeg_tiles.cpp)
+
 // Loads libjpeg (6.2 API) from `path`; idempotent for the same path. Throws std::runtime_error naming
 // the path, a missing symbol, or a version the vendored headers do not match.
 void load_libjpeg(const std::string& path);
@@ -62,6 +64,7 @@ class JpegTileReader {
  private:
   std::string path_;
   std::shared_ptr<const JpegTileLayout> layout_;
+  const LibJpeg* api_ = nullptr;
   int fd_ = -1;
 };
 

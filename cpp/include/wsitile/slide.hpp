@@ -43,9 +43,12 @@ struct FileIdentity {
 
 // The identity of the file at `path` now; std::nullopt when it does not exist (or cannot be stat'ed).
 std::optional<FileIdentity> file_identity(const std::string& path);
+// The same for an open file descriptor (fstat(2)).
+std::optional<FileIdentity> file_identity(int fd);
 
 class JpegTileReader;  // jpeg_tiles.hpp
 struct JpegTileLayout;
+struct JpegTileLevel;
 
 struct LevelInfo {
   int64_t width;
@@ -124,6 +127,8 @@ class Slide {
 
  private:
   void check_error(const std::string& what) const;
+  // The verified JPEG page of `level` (jpeg_tile_size's check), or nullptr.
+  const JpegTileLevel* jpeg_page(int32_t level) const;
 
   std::string path_;
   std::string vendor_;
@@ -134,7 +139,7 @@ class Slide {
   std::shared_ptr<TileCache> cache_;  // keeps a shared cache alive as long as the slide
   std::unique_ptr<JpegTileReader> jpeg_;  // null: every read goes through OpenSlide
   std::unique_ptr<std::once_flag[]> jpeg_checked_;
-  mutable std::vector<int32_t> jpeg_tile_;  // per level, written once under jpeg_checked_[level]
+  mutable std::vector<const JpegTileLevel*> jpeg_page_;  // per level, set once under jpeg_checked_[level]
 };
 
 // ARGB (premultiplied) -> RGB over white. `n` pixels.

@@ -427,6 +427,20 @@ def test_batch_survives_loader(tumour):
         np.testing.assert_array_equal(batch[k], copy[k])
 
 
+def test_recycled_memory_shows_no_stale_pixels(tumour, normal_slide, osr_tumour):
+    """Closed loaders' block memory (block_cache.cpp's chunk pool) and freed batches (batch_buffers.cpp)
+    are recycled without zeroing: a later loader over another slide, with the same batch size, must
+    still hand out exactly OpenSlide's pixels in every window, white borders included."""
+    for _ in range(2):
+        with wsitile.Loader([(normal_slide, None)], tissue_threshold=None, shuffle=False, batch_size=64,
+                            threads=2) as other:
+            assert sum(len(b["labels"]) for b in other) == other.num_samples
+    loader = wsitile.Loader([tumour], tissue_threshold=None, shuffle=False, batch_size=64, threads=2)
+    batches = take(loader)
+    rows = [(bi, k) for bi, b in enumerate(batches) for k in range(len(b["labels"]))]
+    assert check_pixels(loader, batches, [osr_tumour], rows) == loader.num_samples == 625
+
+
 # ---- close ----------------------------------------------------------------------------------------
 
 

@@ -9,10 +9,11 @@
 
 namespace wsitile::bindings {
 
-template <typename T>
-pybind11::array_t<T> to_numpy(std::vector<T>&& v, std::vector<pybind11::ssize_t> shape) {
-  auto* owned = new std::vector<T>(std::move(v));
-  pybind11::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+template <typename T, typename Alloc>
+pybind11::array_t<T> to_numpy(std::vector<T, Alloc>&& v, std::vector<pybind11::ssize_t> shape) {
+  using Vector = std::vector<T, Alloc>;
+  auto* owned = new Vector(std::move(v));
+  pybind11::capsule owner(owned, [](void* p) { delete static_cast<Vector*>(p); });
   return pybind11::array_t<T>(std::move(shape), owned->data(), owner);
 }
 

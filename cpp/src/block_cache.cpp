@@ -4,13 +4,70 @@
 
 #include <algorithm>
 #include <new>
+#include <optional>
 
 #include "wsitile/rng.hpp"
 
 namespace wsitile {
 
+namespace {
+
+// Chunks of destroyed arenas, kept (up to kKeep bytes) for the arenas made after them: a loader per
+// slide (predict), per validation pass or per benchmark round gets memory the kernel need not zero
+// again. Kept chunks are MADV_FREE'd: under memory pressure the kernel takes their pages back (a later
+// touch then gets a fresh zeroed page, as from mmap), otherwise reuse costs nothing. Blocks are always
+// fully written before they are read, so whatever a reused page holds is never seen.
+class ChunkPool {
+ public:
+  static ChunkPool& instance() {
+    static ChunkPool* pool = new ChunkPool;  // never destroyed: arenas may die during exit
+    return *pool;
+  }
+
+  // A kept chunk of at least `bytes` usable bytes (the smallest such), or nullopt.
+  std::optional<BlockArena::Chunk> take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto best = chunks_.end();
+    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
+      if (it->size >= bytes && (best == chunks_.end() || it->size < best->size)) best = it;
+    }
+    if (best == chunks_.end()) return std::nullopt;
+    BlockArena::Chunk c = *best;
+    chunks_.erase(best);
+    kept_ -= c.total;
+    return c;
+  }
+
+  void give(const BlockArena::Chunk& c) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (kept_ + c.total <= kKeep) {
+#ifdef MADV_FREE
+        const bool freed = ::madvise(c.base, c.size, MADV_FREE) == 0;
+#else
+        const bool freed = false;
+#endif
+        if (freed || ::madvise(c.base, c.size, MADV_DONTNEED) == 0) {
+          chunks_.push_back(c);
+          kept_ += c.total;
+          return;
+        }
+      }
+    }
+    ::munmap(c.raw, c.total);
+  }
+
+ private:
+  static constexpr size_t kKeep = size_t{1} << 30;  // a default loader's arena (512 MB cache) fits
+  std::mutex mu_;
+  std::vector<BlockArena::Chunk> chunks_;
+  size_t kept_ = 0;
+};
+
+}  // namespace
+
 BlockArena::~BlockArena() {
-  for (auto& [p, n] : chunks_) ::munmap(p, n);
+  for (const Chunk& c : chunks_) ChunkPool::instance().give(c);
 }
 
 uint8_t* BlockArena::take(size_t bytes) {
@@ -24,16 +81,22 @@ uint8_t* BlockArena::take(size_t bytes) {
     }
     if (left_ < bytes && mapped_ < limit_) {  // a new chunk; the old one's tail is left unused
       const size_t size = std::max(kChunk, (bytes + kHuge - 1) / kHuge * kHuge);
-      void* raw = ::mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (raw != MAP_FAILED) {
-        chunks_.emplace_back(raw, size + kHuge);
-        const uintptr_t aligned = (reinterpret_cast<uintptr_t>(raw) + kHuge - 1) / kHuge * kHuge;
-        next_ = reinterpret_cast<uint8_t*>(aligned);
-        left_ = size;
-        mapped_ += size;
+      std::optional<Chunk> chunk = ChunkPool::instance().take(size);
+      if (!chunk) {
+        void* raw = ::mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (raw != MAP_FAILED) {
+          const uintptr_t aligned = (reinterpret_cast<uintptr_t>(raw) + kHuge - 1) / kHuge * kHuge;
+          chunk = Chunk{raw, size + kHuge, reinterpret_cast<uint8_t*>(aligned), size};
 #ifdef MADV_HUGEPAGE
-        ::madvise(next_, size, MADV_HUGEPAGE);  // advice only: without THP these are normal pages
+          ::madvise(chunk->base, size, MADV_HUGEPAGE);  // advice only: without THP these are normal pages
 #endif
+        }
+      }
+      if (chunk) {
+        chunks_.push_back(*chunk);
+        next_ = chunk->base;
+        left_ = chunk->size;
+        mapped_ += chunk->size;
       }
     }
     if (left_ >= bytes) {
@@ -49,9 +112,8 @@ uint8_t* BlockArena::take(size_t bytes) {
 void BlockArena::give(uint8_t* p, size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [base, n] : chunks_) {
-      const uint8_t* b = static_cast<const uint8_t*>(base);
-      if (p >= b && p < b + n) {
+    for (const Chunk& c : chunks_) {
+      if (p >= c.base && p < c.base + c.size) {
         free_[bytes].push_back(p);
         return;
       }
@@ -71,7 +133,7 @@ size_t BlockCache::bytes() const {
 }
 
 std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key, size_t bytes,
-                                                         const std::function<void(uint8_t*)>& fill) {
+                                                         const std::function<void(uint8_t*)>& fill, bool wait) {
   std::promise<std::shared_ptr<const Block>> promise;
   {
     std::unique_lock<std::mutex> lock(mu_);
@@ -80,6 +142,7 @@ std::shared_ptr<const BlockCache::Block> BlockCache::get(const BlockKey& key, si
       return it->second->second;
     }
     if (auto it = inflight_.find(key); it != inflight_.end()) {
+      if (!wait) return nullptr;
       auto pending = it->second;
       lock.unlock();
       return pending.get();

@@ -33,12 +33,15 @@ struct BlockKeyHash {
 };
 
 // Memory for blocks: 2 MiB-aligned chunks advised as transparent huge pages, carved into blocks and
-// recycled through per-size free lists; past `limit` bytes of chunks, plain new[]/delete[].
+// recycled through per-size free lists; past `limit` bytes of chunks, plain new[]/delete[]. A
+// destroyed arena's chunks go to a process-wide pool (block_cache.cpp) that the next arena takes
+// its chunks from.
 //
 // Why: a cold epoch fills hundreds of fresh ~192 KiB blocks. From malloc each one was an mmap of its
 // own plus 48 page faults, and the kernel's share was ~45% of a cold epoch's wall time on one thread
 // (more with two, whose faults and mmaps contend for the process's memory map). A huge page faults
-// once per 2 MiB.
+// once per 2 MiB. The kernel still zeroes every fresh page it hands out, ~15% of a cold epoch (more
+// with two threads faulting at once); pooled chunks are not zeroed again.
 class BlockArena {
  public:
   explicit BlockArena(size_t limit) : limit_(limit) {}
@@ -50,9 +53,19 @@ class BlockArena {
 
  private:
   static constexpr size_t kHuge = size_t{2} << 20, kChunk = size_t{32} << 20;
+
+ public:
+  struct Chunk {
+    void* raw;      // the mmap'd region
+    size_t total;   // its length
+    uint8_t* base;  // 2 MiB-aligned start of the usable part
+    size_t size;    // usable bytes, a multiple of 2 MiB
+  };
+
+ private:
   size_t limit_;
   std::mutex mu_;
-  std::vector<std::pair<void*, size_t>> chunks_;  // mmap'd regions
+  std::vector<Chunk> chunks_;
   uint8_t* next_ = nullptr;                       // bump pointer into the newest chunk
   size_t left_ = 0, mapped_ = 0;
   std::unordered_map<size_t, std::vector<uint8_t*>> free_;  // by block size
@@ -82,9 +95,10 @@ class BlockCache {
       : capacity_(capacity_bytes), arena_(std::make_shared<BlockArena>(capacity_bytes + (size_t{64} << 20))) {}
 
   // The cached block, or fill(dst) into a new one of `bytes` bytes (the same for every request of one
-  // key). Concurrent requests for a missing block wait for
-  // the one read instead of repeating it; a fill that throws is rethrown to every waiter.
-  std::shared_ptr<const Block> get(const BlockKey& key, size_t bytes, const std::function<void(uint8_t*)>& fill);
+  // key). Concurrent requests for a missing block wait for the one read instead of repeating it (or,
+  // with wait = false, return null at once); a fill that throws is rethrown to every waiter.
+  std::shared_ptr<const Block> get(const BlockKey& key, size_t bytes, const std::function<void(uint8_t*)>& fill,
+                                   bool wait = true);
 
   size_t capacity() const { return capacity_; }
   size_t bytes() const;

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "wsitile/augment.hpp"
+#include "wsitile/batch_buffers.hpp"
 #include "wsitile/block_cache.hpp"
 #include "wsitile/slide.hpp"
 
@@ -65,7 +66,7 @@ struct SkipRecord {
 struct Batch {
   int64_t size = 0, towers = 0, window = 0;
   OutDtype dtype = OutDtype::kUint8;
-  std::vector<uint8_t> images;  // (size, towers, window, window, 3) RGB of `dtype` (raw bytes)
+  ImageBytes images;  // (size, towers, window, window, 3) RGB of `dtype` (raw bytes), all written by workers
   std::vector<uint8_t> labels;  // (size,)
   std::vector<int64_t> coords;  // (size, 2) level-0 (x, y) of tower 0's top-left
   std::vector<int32_t> slide_index;
@@ -142,10 +143,11 @@ class Loader {
   void fill_pipeline_locked();
   void drop_pipeline_locked();
   void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
-  void cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst) const;
+  // `may_defer`: give up (return false) rather than wait for a block another worker is decoding.
+  bool cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, bool may_defer) const;
   void cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, int64_t sample) const;
-  void extract_sample(Pending& p, int64_t k);
-  void assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst) const;
+  bool extract_sample(Pending& p, int64_t k, bool may_defer);
+  bool assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst, bool may_defer) const;
   std::shared_ptr<Slide> slide(int32_t s) const;
   void replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::shared_ptr<Slide> fresh) const;
   void check_slides_unchanged_locked();

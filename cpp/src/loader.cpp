@@ -315,12 +315,13 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
     // chunk c + 2 asks for the blocks chunk c + 1 is decoding at its end; those waits were ~5-10% of
     // a cold grid epoch at 2 threads, and more with short chunks on many threads.
     std::vector<int64_t> deferred;
+    BlockMemo memo;
     for (int64_t k = begin; k < end && !stopping_; ++k) {
-      if (!extract_sample(*p, k, true)) deferred.push_back(k);
+      if (!extract_sample(*p, k, true, memo)) deferred.push_back(k);
     }
     for (int64_t k : deferred) {
       if (stopping_) break;
-      extract_sample(*p, k, false);
+      extract_sample(*p, k, false, memo);
     }
     // Every slide this chunk read is still the file it opened: a file replaced before this point may
     // have served pixels of either file (OpenSlide opens more file handles as it needs them), so the
@@ -340,13 +341,13 @@ void Loader::run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t
   if (--p->remaining == 0) done_cv_.notify_all();
 }
 
-bool Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, bool may_defer) const {
+bool Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, bool may_defer,
+                        BlockMemo& memo) const {
   const int64_t w = cfg_.window;
   const SlideGeometry& g = geometry_[s];
   const TowerPlacement p = place_tower(x, y, w, g.downsample[0], g.downsample[t], t == 0);
-  const std::shared_ptr<Slide> handle = slide(s);
-  if (g.blocks) return assemble(*handle, s, t, p.lx, p.ly, dst, may_defer);
-  handle->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
+  if (g.blocks) return assemble(s, t, p.lx, p.ly, dst, may_defer, memo);
+  slide(s)->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
   return true;
 }
 
@@ -375,7 +376,7 @@ void Loader::cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t
 
 // False when the sample was deferred (may_defer and a block it needs is being decoded); it is then
 // extracted again from scratch.
-bool Loader::extract_sample(Pending& pending, int64_t k, bool may_defer) {
+bool Loader::extract_sample(Pending& pending, int64_t k, bool may_defer, BlockMemo& memo) {
   // Each chunk writes only its own samples' slots of `pending.batch`.
   Batch& b = pending.batch;
   const int64_t w = cfg_.window, pixels = w * w * 3;
@@ -398,7 +399,7 @@ bool Loader::extract_sample(Pending& pending, int64_t k, bool may_defer) {
       cut = window.data();
     }
     try {
-      if (!cut_window(s, t, samples_.x[i], samples_.y[i], cut, may_defer)) return false;
+      if (!cut_window(s, t, samples_.x[i], samples_.y[i], cut, may_defer, memo)) return false;
     } catch (const SlideReadError&) {
       try {
         cut_window_fresh(s, t, samples_.x[i], samples_.y[i], cut, i);
@@ -417,17 +418,28 @@ namespace {
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 }  // namespace
 
-bool Loader::assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst,
-                      bool may_defer) const {
+bool Loader::assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst, bool may_defer,
+                      BlockMemo& memo) const {
   const int64_t B = geometry_[s].block[t];
   const int64_t w = cfg_.window;
   const int32_t level = cfg_.levels[t];
   for (int64_t by = floor_div(ly, B); by <= floor_div(ly + w - 1, B); ++by) {
     for (int64_t bx = floor_div(lx, B); bx <= floor_div(lx + w - 1, B); ++bx) {
-      // Integral downsample: level pixel (bx * B) sits exactly at level-0 bx * B * d_t.
-      auto block = blocks_->get({s, level, bx, by}, BlockCache::block_bytes(B),
-                                [&](uint8_t* d) { slide.read_block(level, bx, by, B, d); }, !may_defer);
-      if (!block) return false;  // another worker is decoding it
+      const BlockKey key{s, level, bx, by};
+      const BlockCache::Block* block = nullptr;
+      for (size_t m = 0; m < BlockMemo::kSlots && !block; ++m) {
+        if (memo.block[m] && memo.key[m] == key) block = memo.block[m].get();
+      }
+      if (!block) {
+        // Integral downsample: level pixel (bx * B) sits exactly at level-0 bx * B * d_t.
+        auto got = blocks_->get(key, BlockCache::block_bytes(B),
+                                [&](uint8_t* d) { slide(s)->read_block(level, bx, by, B, d); }, !may_defer);
+        if (!got) return false;  // another worker is decoding it
+        block = got.get();
+        memo.key[memo.next] = key;
+        memo.block[memo.next] = std::move(got);
+        memo.next = (memo.next + 1) % BlockMemo::kSlots;
+      }
       const int64_t x_lo = std::max(lx, bx * B), x_hi = std::min(lx + w, (bx + 1) * B);
       const int64_t y_lo = std::max(ly, by * B), y_hi = std::min(ly + w, (by + 1) * B);
       for (int64_t y = y_lo; y < y_hi; ++y) {

@@ -6,6 +6,7 @@
 // chunks that workers fill independently, and batches are handed out in order.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -143,11 +144,20 @@ class Loader {
   void fill_pipeline_locked();
   void drop_pipeline_locked();
   void run_chunk(const std::shared_ptr<Pending>& p, int64_t begin, int64_t end);
+  // The blocks a chunk used last. Why: a chunk's windows are mostly neighbours that share blocks, and
+  // asking the shared cache for each (its lock, its LRU list, the block's reference count: cache
+  // lines every worker writes) cost more per window the more threads ran.
+  struct BlockMemo {
+    static constexpr size_t kSlots = 16;  // >= the blocks of one sample (up to 4 per tower)
+    std::array<BlockKey, kSlots> key{};
+    std::array<std::shared_ptr<const BlockCache::Block>, kSlots> block;
+    size_t next = 0;
+  };
   // `may_defer`: give up (return false) rather than wait for a block another worker is decoding.
-  bool cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, bool may_defer) const;
+  bool cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, bool may_defer, BlockMemo& memo) const;
   void cut_window_fresh(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst, int64_t sample) const;
-  bool extract_sample(Pending& p, int64_t k, bool may_defer);
-  bool assemble(const Slide& slide, int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst, bool may_defer) const;
+  bool extract_sample(Pending& p, int64_t k, bool may_defer, BlockMemo& memo);
+  bool assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst, bool may_defer, BlockMemo& memo) const;
   std::shared_ptr<Slide> slide(int32_t s) const;
   void replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::shared_ptr<Slide> fresh) const;
   void check_slides_unchanged_locked();

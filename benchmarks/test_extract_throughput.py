@@ -112,6 +112,34 @@ def test_wsitile_loader(benchmark, bench_slide, grid, threads, shuffle, cache):
     record(benchmark, f"wsitile {order} {threads} thread{'s' if threads > 1 else ''} ({label})", n)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_thread_scaling_interleaved(benchmark, bench_slide, grid, shuffle):
+    """2 threads against 1 on cold epochs taken in alternation: before each timed 2-thread epoch, an
+    untimed-by-pytest-benchmark 1-thread epoch (timed here) under the same conditions. This shared VM's
+    speed drifts by 20-50% within minutes, so two separate tests minutes apart do not measure scaling."""
+    one: list[float] = []
+
+    def make(threads: int):
+        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
+                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
+                              tissue_threshold=None, cache_mb=CACHE >> 20)
+
+    def setup():
+        loader = make(1)
+        start = time.perf_counter()
+        assert epoch(loader) == len(grid)
+        one.append(time.perf_counter() - start)
+        loader.close()
+        return (make(2),), {}
+
+    n = benchmark.pedantic(epoch, setup=setup, rounds=3 * ROUNDS, iterations=1)
+    assert n == len(grid) and len(one) == 3 * ROUNDS
+    order = "shuffled" if shuffle else "grid"
+    record(benchmark, f"wsitile {order} 2 threads (cold, interleaved)", n)
+    RATES[f"wsitile {order} 1 thread (cold, interleaved)"] = n / float(np.median(one))
+    benchmark.extra_info["one_thread_samples_per_s"] = n / float(np.median(one))
+
+
 def test_jpeg_decode_ceiling(benchmark, bench_slide, grid):
     """Decoding every JPEG tile of levels 2 and 3 once (what one epoch needs), on one core."""
     tiles = []

@@ -74,6 +74,15 @@ def test_python_pipeline(benchmark, bench_slide, grid, order):
     record(benchmark, f"python {order}", len(grid))
 
 
+def open_loader(bench_slide, threads: int, shuffle: bool, **options) -> wsitile.Loader:
+    """The benchmark slide's loader at the issue's settings (batch 64, tissue filter off, 512 MB block
+    cache unless `options` say otherwise)."""
+    options.setdefault("cache_mb", CACHE >> 20)
+    return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW, center=CENTER,
+                          stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle, tissue_threshold=None,
+                          **options)
+
+
 def epoch(loader) -> int:
     n = 0
     for batch in loader:
@@ -99,9 +108,7 @@ def test_wsitile_loader(benchmark, bench_slide, grid, threads, shuffle, cache):
         pytest.skip("grid order always uses the block cache")
 
     def make():
-        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                                center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
-                                tissue_threshold=None, cache_mb=0 if cache == "none" else CACHE >> 20)
+        loader = open_loader(bench_slide, threads, shuffle, cache_mb=0 if cache == "none" else CACHE >> 20)
         assert loader.decoders == [("openslide",) * 2 if cache == "none" else ("libjpeg",) * 2]
         return loader
 
@@ -119,25 +126,21 @@ def test_thread_scaling_interleaved(benchmark, bench_slide, grid, shuffle):
     speed drifts by 20-50% within minutes, so two separate tests minutes apart do not measure scaling."""
     one: list[float] = []
 
-    def make(threads: int):
-        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=shuffle,
-                              tissue_threshold=None, cache_mb=CACHE >> 20)
-
     def setup():
-        loader = make(1)
+        loader = open_loader(bench_slide, 1, shuffle)
         start = time.perf_counter()
         assert epoch(loader) == len(grid)
         one.append(time.perf_counter() - start)
         loader.close()
-        return (make(2),), {}
+        return (open_loader(bench_slide, 2, shuffle),), {}
 
     n = benchmark.pedantic(epoch, setup=setup, rounds=3 * ROUNDS, iterations=1)
     assert n == len(grid) and len(one) == 3 * ROUNDS
     order = "shuffled" if shuffle else "grid"
     record(benchmark, f"wsitile {order} 2 threads (cold, interleaved)", n)
-    RATES[f"wsitile {order} 1 thread (cold, interleaved)"] = n / float(np.median(one))
-    benchmark.extra_info["one_thread_samples_per_s"] = n / float(np.median(one))
+    one_rate = n / float(np.median(one))
+    RATES[f"wsitile {order} 1 thread (cold, interleaved)"] = one_rate
+    benchmark.extra_info["one_thread_samples_per_s"] = one_rate
 
 
 def test_jpeg_decode_ceiling(benchmark, bench_slide, grid):
@@ -182,9 +185,7 @@ def test_wsitile_loader_openslide_decoder(benchmark, bench_slide, grid, shuffle)
     decoding, and the one for slides other than tiled JPEG TIFFs)."""
 
     def make():
-        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                                center=CENTER, stride=STRIDE, batch_size=64, threads=1, shuffle=shuffle,
-                                tissue_threshold=None, cache_mb=CACHE >> 20, decoder="openslide")
+        loader = open_loader(bench_slide, 1, shuffle, decoder="openslide")
         assert loader.decoders == [("openslide", "openslide")]
         return loader
 
@@ -199,9 +200,7 @@ def test_wsitile_loader_augmented(benchmark, bench_slide, grid, threads, cache):
     """Grid order with the fused augmentation (seed ranges, uint8 out) against plain extraction."""
 
     def make():
-        return wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                              center=CENTER, stride=STRIDE, batch_size=64, threads=threads, shuffle=False,
-                              tissue_threshold=None, cache_mb=CACHE >> 20, augment=True)
+        return open_loader(bench_slide, threads, False, augment=True)
 
     n = timed_epochs(benchmark, make, cache)
     assert n == len(grid)
@@ -214,9 +213,7 @@ def test_wsitile_loader_small_cache(benchmark, bench_slide, grid, decoder):
     blocks thrash (a miss is a tile decode) against OpenSlide, one read_region per window."""
 
     def make():
-        loader = wsitile.Loader([(bench_slide["slide"], bench_slide["mask"])], levels=LEVELS, window=WINDOW,
-                                center=CENTER, stride=STRIDE, batch_size=64, threads=1, shuffle=True,
-                                tissue_threshold=None, cache_mb=16, decoder=decoder)
+        loader = open_loader(bench_slide, 1, True, cache_mb=16, decoder=decoder)
         assert loader.decoders == [("libjpeg",) * 2 if decoder == "auto" else ("openslide",) * 2]
         return loader
 

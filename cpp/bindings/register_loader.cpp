@@ -20,10 +20,8 @@ py::dict batch_to_dict(wsitile::Batch&& b) {
   py::dict d;
   if (b.dtype == wsitile::OutDtype::kUint8) {
     d["images"] = to_numpy(std::move(b.images), shape);
-  } else {  // float32 bytes: the array views the moved vector, which its capsule owns
-    auto* owned = new wsitile::ImageBytes(std::move(b.images));
-    py::capsule owner(owned, [](void* p) { delete static_cast<wsitile::ImageBytes*>(p); });
-    d["images"] = py::array_t<float>(shape, reinterpret_cast<float*>(owned->data()), owner);
+  } else {  // float32 bytes
+    d["images"] = to_numpy<float>(std::move(b.images), shape);
   }
   d["labels"] = to_numpy(std::move(b.labels), {n});
   d["coords"] = to_numpy(std::move(b.coords), {n, 2});

@@ -51,10 +51,6 @@ class BlockArena {
   uint8_t* take(size_t bytes);
   void give(uint8_t* p, size_t bytes);
 
- private:
-  static constexpr size_t kHuge = size_t{2} << 20, kChunk = size_t{32} << 20;
-
- public:
   struct Chunk {
     void* raw;      // the mmap'd region
     size_t total;   // its length
@@ -63,6 +59,7 @@ class BlockArena {
   };
 
  private:
+  static constexpr size_t kHuge = size_t{2} << 20, kChunk = size_t{32} << 20;
   size_t limit_;
   std::mutex mu_;
   std::vector<Chunk> chunks_;

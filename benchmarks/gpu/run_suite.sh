@@ -22,6 +22,9 @@ if [ -n "${OUT:-}" ]; then LOG="$OUT/$PART.log"; else LOG="/tmp/wsitile-gpu-$PAR
 
 suite() {
 echo "== $PART: $(date -u +%FT%TZ); $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi'); $(nproc) cores"
+# Whether the cores are hardware threads decides what parallel efficiency can reach (BENCHMARKS.md).
+lscpu 2>/dev/null | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)|CPU max MHz|L3 cache):' \
+  | sed 's/  */ /g' | paste -sd ';' | sed 's/^/cpu: /'
 
 # 1. The carried wheels, except wsitile's own (step 2 decides about that one).
 shopt -s nullglob

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The CLI's persistent compilation cache (~/.cache/wsitile/jax) stays out of the tests; the one test
+# of it names its own folder.
+os.environ.setdefault("WSITILE_COMPILE_CACHE", "off")
 
 from wsitile.synth import write_slide
 

@@ -203,6 +203,22 @@ def test_threshold_is_monotone(tslide):
     assert len(sets[0]) > len(sets[-1])
 
 
+def test_saturation_table_matches_skimage(tslide):
+    """The tissue mask's saturation through a (max, min) table equals skimage's rgb2hsv, on every
+    (max, min) pair, on random pixels and on the slide's tissue level."""
+    from skimage.color import rgb2hsv
+
+    from wsitile.tissue import saturation
+
+    rng = np.random.default_rng(1)
+    hi, lo = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    every = np.stack([lo, hi, (hi + lo) // 2], axis=-1).astype(np.uint8)  # max and min in other channels
+    noise = rng.integers(0, 256, (123, 77, 3), dtype=np.uint8)
+    level = tslide.read_region((0, 0), 3, tslide.level_dimensions[3])
+    for rgb in (every, noise, level):
+        np.testing.assert_array_equal(saturation(rgb), rgb2hsv(rgb)[..., 1])
+
+
 def _saturated_fraction(rgb: np.ndarray) -> float:
     """Share of pixels whose HSV saturation exceeds 0.1 (glass ~0.01, H&E stroma ~0.29)."""
     rgb = rgb.astype(np.float64)

@@ -59,6 +59,9 @@ def test_heatmap_contract_and_tta(run, tmp_path, capsys):
     turned = [np.rot90(im, k, axes=(2, 3)) for im in (images, images[:, :, :, ::-1]) for k in range(4)]
     expected = np.mean([steps.predict(variables, np.ascontiguousarray(t)) for t in turned], axis=0)
     np.testing.assert_allclose(tta[pick], expected, atol=2e-5)
+    # Without --tta: the model on the window itself (batches are read one behind the device: each
+    # probability must still land on its own window).
+    np.testing.assert_allclose(probs[pick], steps.predict(variables, images), atol=2e-5)
     assert not np.allclose(tta, probs)
 
 
@@ -73,3 +76,28 @@ def test_bad_input(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compile_cache_reused_by_the_next_process(run, tmp_path):
+    """WSITILE_COMPILE_CACHE: the first `wsitile predict` process writes the compiled model there, a
+    second one with the same settings finds it, and both write the same heatmap."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, WSITILE_COMPILE_CACHE=str(cache), JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    heatmaps, entries = [], []
+    for i in range(2):
+        out = tmp_path / f"p{i}"
+        subprocess.run([sys.executable, "-m", "wsitile", "predict", str(run / "tumor_001.tif"), "--checkpoint",
+                        str(run / "run"), "--out", str(out), "--batch-size", "16", "--stride", "160"],
+                       env=env, check=True, capture_output=True, timeout=600)
+        entries.append(sorted(p.name for p in cache.iterdir()))
+        with np.load(out / "heatmap.npz", allow_pickle=False) as h:
+            heatmaps.append(h["probs"])
+    assert entries[0], "the first process wrote nothing to the compilation cache"
+    assert entries[1] == entries[0], "the second process compiled something new instead of reusing the cache"
+    np.testing.assert_array_equal(heatmaps[0], heatmaps[1])

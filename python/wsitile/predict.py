@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .loader import Loader
-from .train import load_for_inference
+from .training.checkpoints import checkpoint_config, restore_for_inference
 
 
 def dihedral(images: jax.Array) -> jax.Array:
@@ -35,52 +36,77 @@ def predict_slide(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Write OUT_DIR/heatmap.npz and OUT_DIR/heatmap.png; return {"windows", "rate"} for the summary.
+    """Write OUT_DIR/heatmap.npz and OUT_DIR/heatmap.png; return {"windows", "rate", "start", "loop",
+    "write"} for the summary (rate: windows per second of the prediction loop; the others: seconds).
 
     Levels, window and centre come from the checkpoint's configuration; `stride` defaults to the
     window. With `tta` each window's probability is the mean over its 8 dihedral orientations. Memory
-    is the model plus one batch plus the heatmap (coordinates and one float per tissue window).
+    is the model plus a few batches plus the heatmap (coordinates and one float per tissue window).
     """
     from tqdm import tqdm
 
     from .heatmap import Heatmap, save_heatmap
     from .plots import save_heatmap_png
 
+    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
-    cfg, steps, variables = load_for_inference(checkpoint)
+    run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
     stride = cfg.window if stride is None else int(stride)
-    loader = Loader(
-        [(slide, None)],
-        levels=cfg.levels,
-        window=cfg.window,
-        center=cfg.center,
-        stride=stride,
-        tissue_threshold=cfg.tissue_threshold,
-        batch_size=batch_size,
-        threads=threads,
-        shuffle=False,
-    )
-    grid = loader.grids[0]  # never empty: the Loader refuses a slide without tissue windows, naming it
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    step = None  # the model's own predict_step
-    if tta:
-        step = jax.jit(
-            lambda v, x: steps.model_probs(v, dihedral(x)).reshape(8, -1).mean(axis=0),
-            in_shardings=(steps.replicated, steps.batch_sharding),
-            out_shardings=steps.batch_sharding,
+    def open_loader() -> Loader:
+        return Loader(
+            [(slide, None)],
+            levels=cfg.levels,
+            window=cfg.window,
+            center=cfg.center,
+            stride=stride,
+            tissue_threshold=cfg.tissue_threshold,
+            batch_size=batch_size,
+            threads=threads,
+            shuffle=False,
         )
+
+    # The slide's tissue mask and grid (seconds on a Camelyon-size slide) are made in a thread while
+    # this one restores the checkpoint and compiles the model (XLA and NumPy release the GIL).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wsitile-grid")
+    pending_loader = pool.submit(open_loader)
+    pool.shutdown(wait=False)
+    try:
+        steps, variables = restore_for_inference(run_dir, ckpt_step, cfg)
+        step = None  # the model's own predict_step
+        if tta:
+            step = jax.jit(
+                lambda v, x: steps.model_probs(v, dihedral(x)).reshape(8, -1).mean(axis=0),
+                in_shardings=(steps.replicated, steps.batch_sharding),
+                out_shardings=steps.batch_sharding,
+            )
+        if pending_loader.done():
+            pending_loader.result()  # a slide that cannot be read fails before the compile
+        # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
+        shape = (batch_size, len(cfg.levels), cfg.window, cfg.window, 3)
+        steps.predict_async(variables, np.zeros(shape, np.uint8), step=step).block_until_ready()
+        loader = pending_loader.result()  # never empty: the Loader refuses a slide without tissue windows
+    except BaseException:
+        pending_loader.add_done_callback(_close_loader)
+        raise
+    grid = loader.grids[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     probs = np.empty(len(grid), np.float32)
     start = time.perf_counter()
     with loader, tqdm(total=len(grid), unit="win", desc="predict", disable=not progress or None) as bar:
+        in_flight: tuple[np.ndarray, jax.Array] | None = None
         for batch in loader:  # grid order: sample_index runs 0..N-1
-            idx = batch["sample_index"]
-            probs[idx] = steps.predict(variables, batch["images"], step=step, pad_to=batch_size)
-            bar.update(len(idx))
-    rate = len(grid) / max(time.perf_counter() - start, 1e-9)
+            dispatched = (batch["sample_index"], steps.predict_async(variables, batch["images"], step=step,
+                                                                     pad_to=batch_size))
+            if in_flight is not None:  # read the previous batch once this one is queued on the device
+                bar.update(_collect(in_flight, probs))
+            in_flight = dispatched
+        if in_flight is not None:
+            bar.update(_collect(in_flight, probs))
+    loop = time.perf_counter() - start
 
     heatmap = Heatmap(
         coords=grid.coords,
@@ -94,4 +120,16 @@ def predict_slide(
     )
     save_heatmap(out_dir / "heatmap.npz", heatmap)
     save_heatmap_png(heatmap, slide, out_dir / "heatmap.png")
-    return {"windows": float(len(grid)), "rate": rate}
+    return {"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9), "start": start - t0, "loop": loop,
+            "write": time.perf_counter() - start - loop}
+
+
+def _collect(in_flight: tuple[np.ndarray, jax.Array], probs: np.ndarray) -> int:
+    idx, out = in_flight
+    probs[idx] = np.asarray(out)[: len(idx)]
+    return len(idx)
+
+
+def _close_loader(done: Future) -> None:
+    if done.exception() is None:
+        done.result().close()

@@ -3,7 +3,7 @@ the trainable part and the frozen part (the seed's "layers past 150")."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -32,11 +32,8 @@ def init_variables(cfg: TrainConfig) -> dict[str, Any]:
     initialisers (Glorot uniform kernels, zero biases, BatchNorm mean 0 / variance 1): compiling
     `model.init` for 188 convolutions costs tens of seconds on a CPU, drawing the arrays milliseconds.
     """
-    model = build_model(cfg)
-    dummy = jnp.zeros((1, len(cfg.levels), cfg.window, cfg.window, 3), jnp.uint8)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     rng = np.random.default_rng(cfg.seed)
-    variables = nested({k: jnp.asarray(_init_leaf(k, v.shape, rng)) for k, v in flat(shapes).items()})
+    variables = nested({k: jnp.asarray(_init_leaf(k, v.shape, rng)) for k, v in flat(variable_shapes(cfg)).items()})
     if cfg.weights:
         imported = load_keras_h5(cfg.weights, width=cfg.width)
         for t in range(len(cfg.levels)):
@@ -44,6 +41,14 @@ def init_variables(cfg: TrainConfig) -> dict[str, Any]:
                 _check_same_shapes(variables[col][f"tower_{t}"], imported[col], cfg.weights)
                 variables[col][f"tower_{t}"] = jax.tree.map(jnp.asarray, imported[col])
     return variables
+
+
+def variable_shapes(cfg: TrainConfig) -> dict[str, Any]:
+    """The model's variables as jax.ShapeDtypeStruct (traced, nothing computed): what a checkpoint of
+    `cfg` holds, for restoring one without drawing the random initialisation first."""
+    model = build_model(cfg)
+    dummy = jnp.zeros((1, len(cfg.levels), cfg.window, cfg.window, 3), jnp.uint8)
+    return cast(dict[str, Any], jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False)))
 
 
 def _init_leaf(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

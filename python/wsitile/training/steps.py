@@ -141,12 +141,20 @@ class Steps:
         """Probabilities for a host batch, by `predict_step` or another jitted step with the same
         shardings. The batch is padded to `pad_to` and to a multiple of the device count, so a short
         last batch does not compile the model again."""
+        return np.asarray(self.predict_async(variables, images, step, pad_to))[: len(images)]
+
+    def predict_async(
+        self, variables: dict[str, Any], images: np.ndarray, step: Callable | None = None, pad_to: int = 0
+    ) -> jax.Array:
+        """`predict` without waiting: the padded batch's probabilities, still being computed on the
+        device (the first len(images) are the batch's). The caller reads them after dispatching the
+        next batch, so the device does not idle while the host hands it the next one."""
         n = len(images)
         size = max(n, pad_to)
         pad = size + (-size) % self.num_devices - n
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-        return np.asarray((step or self.predict_step)(variables, self.place_batch(images)))[:n]
+        return cast(jax.Array, (step or self.predict_step)(variables, self.place_batch(images)))
 
 
 _STEPS: dict[tuple[TrainConfig, tuple[Any, ...]], Steps] = {}

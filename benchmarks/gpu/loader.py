@@ -23,6 +23,7 @@ import argparse
 import itertools
 import os
 import queue
+import resource
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -100,15 +101,38 @@ def open_loader(slides, side: int, batch: int, threads: int, cache_mb: int, labe
                   augment=True, drop_last=True, cache_mb=cache_mb, seed=0)
 
 
-def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seconds: float) -> float:
-    """Augmented pairs/s of a fresh loader (empty caches) after its first batch (the pipeline fill)."""
+class CpuClock:
+    """The process's CPU time (every thread, user + system) and context switches over a block: CPU
+    time per pair that grows with the thread count means each pair costs more (memory bandwidth,
+    shared cores, contended locks); flat CPU per pair with falling efficiency means threads idle."""
+
+    def __enter__(self) -> "CpuClock":
+        self.r0, self.t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall = time.perf_counter() - self.t0
+        self.user, self.sys = r1.ru_utime - self.r0.ru_utime, r1.ru_stime - self.r0.ru_stime
+        self.switches = (r1.ru_nvcsw - self.r0.ru_nvcsw) + (r1.ru_nivcsw - self.r0.ru_nivcsw)
+
+    def per_pair(self, pairs: int) -> str:
+        cpu = self.user + self.sys
+        return (f"CPU {1e3 * cpu / max(pairs, 1):.2f} ms/pair ({self.sys / max(cpu, 1e-9):.0%} system), "
+                f"{self.switches / max(pairs, 1):.2f} switches/pair")
+
+
+def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seconds: float) -> tuple[float, str]:
+    """Augmented pairs/s of a fresh loader (empty caches) after its first batch (the pipeline fill),
+    and its CPU cost per pair (CpuClock)."""
     with open_loader(slides, side, batch, threads, cache_mb, labels=False) as loader:
         it = forever(loader)
         next(it)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            n += len(next(it)["labels"])
-        return n / (time.perf_counter() - t0)
+        n = 0
+        with CpuClock() as clock:
+            while time.perf_counter() - clock.t0 < seconds:
+                n += len(next(it)["labels"])
+        return n / clock.wall, clock.per_pair(n)
 
 
 def window_positions(slides, side: int, cache_mb: int, threads: int) -> tuple[np.ndarray, list[int]]:
@@ -128,7 +152,7 @@ def window_positions(slides, side: int, cache_mb: int, threads: int) -> tuple[np
 
 
 def openslide_rate(slides, positions: np.ndarray, levels: list[int], window: int, threads: int,
-                   seconds: float) -> float:
+                   seconds: float) -> tuple[float, str]:
     """The straightforward loader: one shared OpenSlide handle per slide, read_region per window and
     tower in a thread pool; each thread takes chunks of 32 windows from a shared counter until time."""
     import openslide
@@ -153,12 +177,12 @@ def openslide_rate(slides, positions: np.ndarray, levels: list[int], window: int
                 n += 1
         return n
 
-    with ThreadPoolExecutor(threads) as pool:
+    with CpuClock() as clock, ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(lambda _: worker(), range(threads)))
     elapsed = time.perf_counter() - start
     for h in handles:
         h.close()
-    return total / elapsed
+    return total / elapsed, clock.per_pair(total)
 
 
 def scaling(slides, side: int, args, budget: Budget) -> list[Row]:
@@ -172,13 +196,13 @@ def scaling(slides, side: int, args, budget: Budget) -> list[Row]:
         if not budget.allows(2 * args.seconds + 10):
             print(f"[scaling {side}px] {t} threads skipped: budget", flush=True)
             continue
-        rates[t] = loader_rate(slides, side, args.loader_batch[side], t, args.cache_mb, args.seconds)
-        base[t] = openslide_rate(slides, positions, levels, side, t, args.seconds)
-        print(f"[scaling {side}px] {t:2d} threads: wsitile {rates[t]:,.0f}, openslide pool {base[t]:,.0f} pairs/s",
-              flush=True)
+        rates[t], cpu = loader_rate(slides, side, args.loader_batch[side], t, args.cache_mb, args.seconds)
+        base[t], base_cpu = openslide_rate(slides, positions, levels, side, t, args.seconds)
+        print(f"[scaling {side}px] {t:2d} threads: wsitile {rates[t]:,.0f} pairs/s, {cpu}; "
+              f"openslide pool {base[t]:,.0f} pairs/s, {base_cpu}", flush=True)
+        efficiency = f"efficiency {rates[t] / (t * rates[args.threads[0]]):.0%}; " if args.threads[0] == 1 else ""
         rows.append(Row(f"wsitile Loader {side}px, augmented, {t} thr", rates[t],
-                        f"openslide read_region pool, {t} thr", base[t], None,
-                        f"efficiency {rates[t] / (t * rates[args.threads[0]]):.0%}" if args.threads[0] == 1 else ""))
+                        f"openslide read_region pool, {t} thr", base[t], None, efficiency + cpu))
     if rates and base:
         top = max(rates)
         best = max(base, key=base.get)  # type: ignore[arg-type]

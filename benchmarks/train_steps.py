@@ -41,6 +41,8 @@ def wsitile_step(side: int, batch: int, *, width: float = 1.0, fine_tune_from: i
         jax.block_until_ready(metrics["loss"])
         holder["state"] = s
 
+    # For analysis (benchmarks/gpu/steps.py's study): the step lowered for this state and batch.
+    run.lower = lambda: steps.train_step.lower(holder["state"], x, y)  # type: ignore[attr-defined]
     return run
 
 

@@ -26,14 +26,17 @@ from pathlib import Path
 
 from .common import Budget, Row, card, has_gpu, measure, save, table
 
-GROUPS = ("torch-eager", "wsitile", "keras", "wsitile-frozen", "torch-compile")
+GROUPS = ("torch-eager", "wsitile", "keras", "wsitile-frozen", "torch-compile", "wsitile-study")
 LABEL = {
     "torch-eager": "PyTorch eager",
     "wsitile": "wsitile JAX",
     "keras": "Keras 3 JAX",
     "wsitile-frozen": "wsitile JAX, layers < 150 frozen",
     "torch-compile": "PyTorch torch.compile",
+    "wsitile-study": "wsitile JAX, where the time goes",
 }
+# Dense bf16 tensor-core peak (NVIDIA's data sheets; H100 SXM and H200 share the chip), HBM bandwidth.
+PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 GPU_BATCH = {80: 512, 299: 128}  # the issue's
 SMOKE_BATCH = {80: 2, 299: 1}
 
@@ -55,6 +58,39 @@ def build(group: str, side: int, batch: int, smoke: bool):
     return torch_build(side, batch, compiled=group == "torch-compile", backend="aot_eager" if smoke else "inductor")
 
 
+def study(run, side: int, batch: int, smoke: bool, rate: float) -> dict:
+    """Where the step's time goes, for the train step `run` (benchmarks.train_steps.wsitile_step)
+    measured at `rate` pairs/s: XLA's cost analysis of the compiled step (FLOPs and bytes per step)
+    against the card's peaks, and the optimised HLO's op mix (cuDNN convolutions, fusions, layout
+    transposes and copies). Run at twice the issue's batch: a step that speeds up with a bigger batch
+    was bound by per-kernel overheads, not by the math."""
+    import re
+
+    t0 = time.perf_counter()
+    compiled = run.lower().compile()  # the computation timed (JAX may serve it from its cache)
+    print(f"[study {side}px b{batch}] compiled for analysis in {time.perf_counter() - t0:.1f} s", flush=True)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    hlo = compiled.as_text()
+    ops = {name: len(re.findall(pattern, hlo)) for name, pattern in (
+        ("convolutions", r"custom_call_target=\"__cudnn\$conv"), ("fusions", r"= \S+ fusion\("),
+        ("transposes", r"= \S+ transpose\("), ("copies", r"= \S+ copy\("),
+        ("all convolution ops", r"convolution\("))}
+    steps_per_s = rate / batch
+    out = {"flops_per_step": flops, "bytes_per_step": moved, "tflops": flops * steps_per_s / 1e12,
+           "hbm_gbs": moved * steps_per_s / 1e9, "ops": ops}
+    name = card()
+    for chip, (tflops, hbm) in PEAK.items():
+        if chip in name:
+            out.update(mfu=flops * steps_per_s / tflops, hbm_share=moved * steps_per_s / hbm)
+    print(f"[study {side}px b{batch}] {flops / 1e9:,.1f} GFLOP and {moved / 1e9:.2f} GB per step (XLA's estimate); "
+          f"{out['tflops']:.3g} TFLOP/s, {out['hbm_gbs']:.0f} GB/s at {rate:,.0f} pairs/s"
+          + (f" = {out['mfu']:.0%} of bf16 peak, {out['hbm_share']:.0%} of HBM" if "mfu" in out else "")
+          + f"; optimised HLO: {ops}", flush=True)
+    return out
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one group at each side; append a JSON line per side to args.result as soon as it is done."""
     batch = SMOKE_BATCH if args.smoke else GPU_BATCH
@@ -66,12 +102,18 @@ def child(args: argparse.Namespace) -> None:
         else:
             try:
                 t0 = time.perf_counter()
-                run = build(args.child, side, batch[side], args.smoke)
+                if args.child == "wsitile-study":  # the plain step at twice the batch, then its analysis
+                    result["batch"] = 2 * batch[side]
+                    run = build("wsitile", side, 2 * batch[side], args.smoke)
+                else:
+                    run = build(args.child, side, batch[side], args.smoke)
                 run(1)  # compile (XLA, Keras jit, torch.compile) or cudnn autotuning
                 result["warmup_s"] = time.perf_counter() - t0
                 run(warm)  # allocator and autotuner settle
-                rate, rates = measure(run, steps, batch[side], rounds)
+                rate, rates = measure(run, steps, result["batch"], rounds)
                 result.update(rate=rate, rates=rates)
+                if args.child == "wsitile-study":
+                    result["study"] = study(run, side, result["batch"], args.smoke, rate)
                 print(f"[{args.child} {side}px] {rate:,.0f} pairs/s, rounds "
                       + ", ".join(f"{r:,.0f}" for r in rates) + f"; warm-up {result['warmup_s']:.0f} s", flush=True)
                 del run
@@ -124,6 +166,7 @@ def parent(args: argparse.Namespace) -> None:
     for side in args.sides:
         b = (SMOKE_BATCH if args.smoke else GPU_BATCH)[side]
         ws, ws_note = get("wsitile", side)
+        st, st_note = get("wsitile-study", side)
         te, te_note = get("torch-eager", side)
         ke, ke_note = get("keras", side)
         fr, fr_note = get("wsitile-frozen", side)
@@ -136,10 +179,21 @@ def parent(args: argparse.Namespace) -> None:
             Row(f"{LABEL['keras']} {at}", ke, f"{LABEL['torch-eager']} {at}", te, None, ke_note),
             Row(f"{LABEL['torch-compile']} {at}", tc, f"{LABEL['torch-eager']} {at}", te, None, tc_note),
             Row(f"{LABEL['torch-eager']} {at}", te, "", None, None, te_note),
+            Row(f"{LABEL['wsitile']} {side}px b{2 * b}", st, f"{LABEL['wsitile']} {at}", ws, None,
+                _study_note(results.get(("wsitile-study", side)), st_note)),
         ]
     save(rows, "steps.json")
     smoke = " (SMOKE: small wsitile model, CPU; not comparable)" if args.smoke else ""
     print("\n" + table(f"Train step, pairs/s, input on the device{smoke}", "pairs/s", rows), flush=True)
+
+
+def _study_note(r: dict | None, note: str) -> str:
+    if not r or "study" not in r:
+        return note
+    st = r["study"]
+    share = f" = {st['mfu']:.0%} of bf16 peak, {st['hbm_share']:.0%} of HBM" if "mfu" in st else ""
+    return (f"{st['flops_per_step'] / 1e9:,.1f} GFLOP, {st['bytes_per_step'] / 1e9:.1f} GB per step; "
+            f"{st['tflops']:.3g} TFLOP/s, {st['hbm_gbs']:.0f} GB/s{share}; HLO {st['ops']}; {note}")
 
 
 def main() -> None:

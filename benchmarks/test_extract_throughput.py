@@ -207,16 +207,43 @@ def test_wsitile_loader_augmented(benchmark, bench_slide, grid, threads, cache):
     record(benchmark, f"wsitile grid {threads} thread{'s' if threads > 1 else ''} augmented ({cache} cache)", n)
 
 
-@pytest.mark.parametrize("decoder", ["auto", "openslide"])
+@pytest.mark.parametrize("decoder", ["auto", "tiles", "openslide"])
 def test_wsitile_loader_small_cache(benchmark, bench_slide, grid, decoder):
-    """Shuffled, 1 thread, with a 16 MB block cache the epoch's ~63 MB of blocks do not fit: JPEG tile
-    blocks thrash (a miss is a tile decode) against OpenSlide, one read_region per window."""
+    """Shuffled, 1 thread, with a 16 MB block cache the epoch's ~63 MB of blocks do not fit. "auto":
+    level 3 (~12 MB) is cached, level 2's windows are decoded from their part of each tile, uncached;
+    "tiles" (tile_regions=False): whole JPEG tiles through the thrashing cache (a miss is a tile
+    decode); "openslide": one read_region per window."""
 
     def make():
-        loader = open_loader(bench_slide, 1, True, cache_mb=16, decoder=decoder)
-        assert loader.decoders == [("libjpeg",) * 2 if decoder == "auto" else ("openslide",) * 2]
+        options = dict(decoder="openslide") if decoder == "openslide" else dict(tile_regions=decoder == "auto")
+        loader = open_loader(bench_slide, 1, True, cache_mb=16, **options)
+        assert loader.decoders == [("libjpeg",) * 2 if decoder != "openslide" else ("openslide",) * 2]
+        assert loader.tile_regions_used == [(True, False) if decoder == "auto" else (False, False)]
         return loader
 
     n = timed_epochs(benchmark, make, "cold")
     assert n == len(grid)
-    record(benchmark, f"wsitile shuffled 1 thread (16 MB cache{', OpenSlide decoder' if decoder != 'auto' else ''})", n)
+    label = {"auto": "", "tiles": ", whole tiles", "openslide": ", OpenSlide decoder"}[decoder]
+    record(benchmark, f"wsitile shuffled 1 thread (16 MB cache{label})", n)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("regions", [True, False])
+def test_wsitile_loader_299_thrashing(benchmark, bench_slide, threads, regions):
+    """Liu et al.'s towers (299 px, levels 0 and 1, stride 299), shuffled, with a 64 MB block cache
+    against ~1 GB of level-0/1 pixels: what a Camelyon16 training set is to any cache. Each window's
+    part of each tile (regions) against whole tiles through the cache (tile_regions=False). Not
+    augmented, so the rows time the decode path alone (the 299 px augmentation is ~1,000 pairs/s per
+    core, test_augment_throughput)."""
+
+    def make():
+        loader = wsitile.Loader([(bench_slide["slide"], None)], levels=(0, 1), window=299, center=128, stride=299,
+                                batch_size=32, threads=threads, shuffle=True, tissue_threshold=None, cache_mb=64,
+                                tile_regions=regions)
+        assert loader.tile_regions_used == [(True, True) if regions else (False, False)]
+        return loader
+
+    n = timed_epochs(benchmark, make, "cold")
+    assert n == (16384 // 299) ** 2
+    name = f"wsitile 299 px shuffled {threads} thread{'s' if threads > 1 else ''} (64 MB cache{'' if regions else ', whole tiles'})"
+    record(benchmark, name, n)

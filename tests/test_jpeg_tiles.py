@@ -251,3 +251,110 @@ def test_thrashing_block_cache_still_decodes_tiles_and_matches_openslide(tumour_
         a, b = list(direct), list(reference)
         np.testing.assert_array_equal(np.concatenate([x["images"] for x in a]), np.concatenate([x["images"] for x in b]))
     assert direct._core.cache_bytes_used <= 1 << 20
+
+
+# --- partial decoding: each window's part of a tile (shuffled epochs that thrash the block cache) ---
+
+
+def random_regions(rng: np.random.Generator, tile: int, n: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) inside a tile: random ones, plus 1-px strips and the regions touching each edge."""
+    regions = [(0, 0, tile, tile), (0, 0, 1, 1), (tile - 1, tile - 1, 1, 1), (16, 16, 16, 16), (15, 17, 2, tile - 17)]
+    for _ in range(n):
+        x, y = (int(v) for v in rng.integers(0, tile, 2))
+        regions.append((x, y, int(rng.integers(1, tile - x + 1)), int(rng.integers(1, tile - y + 1))))
+    return regions
+
+
+def test_tile_regions_equal_the_whole_tile_decode(crafted, libjpeg):
+    """Every tile of both pages (edge tiles whose padding is noise, clipped to white; RGB and YCbCr;
+    with and without JPEGTables), many regions each: partial decoding (crop + skip, one pixel of
+    margin) gives exactly the whole tile's pixels there."""
+    layout = jpeg_tiles.tile_layout(crafted)
+    rng = np.random.default_rng(5)
+    for page, (w, h, _) in enumerate(layout.page_sizes):
+        for row in range(-(-h // TILE)):
+            for col in range(-(-w // TILE)):
+                whole = _core.read_jpeg_tile(crafted, layout, page, col, row)
+                for x, y, rw, rh in random_regions(rng, TILE, 12):
+                    part = _core.read_jpeg_tile_region(crafted, layout, page, col, row, x, y, rw, rh)
+                    np.testing.assert_array_equal(part, whole[y : y + rh, x : x + rw],
+                                                  err_msg=f"page {page} tile ({col}, {row}) region {(x, y, rw, rh)}")
+
+
+def test_synthetic_slide_tile_regions_equal_the_whole_tile_decode(tumour_slide, libjpeg):
+    path = str(tumour_slide["slide"])
+    layout = jpeg_tiles.tile_layout(path)
+    rng = np.random.default_rng(6)
+    for page, (w, h, _) in enumerate(layout.page_sizes[:3]):
+        for col, row in map(tuple, rng.integers(0, -(-min(w, h) // TILE), (6, 2))):
+            whole = _core.read_jpeg_tile(path, layout, page, int(col), int(row))
+            for x, y, rw, rh in random_regions(rng, TILE, 20):
+                part = _core.read_jpeg_tile_region(path, layout, page, int(col), int(row), x, y, rw, rh)
+                np.testing.assert_array_equal(part, whole[y : y + rh, x : x + rw])
+
+
+def test_tile_region_outside_the_tile_is_refused(crafted, libjpeg):
+    layout = jpeg_tiles.tile_layout(crafted)
+    for x, y, w, h in [(-1, 0, 8, 8), (0, 0, TILE + 1, 8), (250, 0, 7, 8), (0, 0, 0, 8)]:
+        with pytest.raises((RuntimeError, ValueError), match="region|at least"):
+            _core.read_jpeg_tile_region(crafted, layout, 0, 0, 0, x, y, w, h)
+
+
+def thrash_kwargs(**extra):
+    return dict(levels=(0, 1), window=80, stride=60, tissue_threshold=None, batch_size=16, threads=2, **extra)
+
+
+def test_thrashing_shuffled_epoch_decodes_tile_regions_and_matches_openslide(crafted, libjpeg):
+    """A 1 MB block cache and a shuffled epoch over both levels: level 1's 4 tiles (0.8 MB) fit and
+    are cached, level 0's 12 (2.4 MB) would not, so tower 0 cuts its windows from their part of each
+    tile, uncached; every window is OpenSlide's."""
+    regions = wsitile.Loader([(crafted, None)], **thrash_kwargs(shuffle=True, cache_mb=1, seed=2))
+    assert regions.decoders == [("libjpeg", "libjpeg")] and regions.tile_regions_used == [(True, False)]
+    reference = wsitile.Loader([(crafted, None)], decoder="openslide", **thrash_kwargs(shuffle=True, cache_mb=1, seed=2))
+    a, b = list(regions), list(reference)
+    np.testing.assert_array_equal(np.concatenate([x["images"] for x in a]), np.concatenate([x["images"] for x in b]))
+
+
+def test_tile_region_policy(tumour_slide, libjpeg):
+    """Regions only where shuffled blocks would mostly miss: never in grid order or when the epoch
+    fits; the smaller level keeps the cache when it fits in it; tile_regions=False turns them off."""
+    slides = [(tumour_slide["slide"], None)]
+    kwargs = dict(levels=(1, 2), window=80, stride=80, tissue_threshold=None, threads=1, seed=0)
+    # Level 1 is 4096 px (48 MB of RGB), level 2 2048 px (12 MB).
+    assert wsitile.Loader(slides, shuffle=True, cache_mb=512, **kwargs).tile_regions_used == [(False, False)]
+    assert wsitile.Loader(slides, shuffle=False, cache_mb=1, **kwargs).tile_regions_used == [(False, False)]
+    assert wsitile.Loader(slides, shuffle=True, cache_mb=16, **kwargs).tile_regions_used == [(True, False)]
+    assert wsitile.Loader(slides, shuffle=True, cache_mb=1, **kwargs).tile_regions_used == [(True, True)]
+    off = wsitile.Loader(slides, shuffle=True, cache_mb=1, tile_regions=False, **kwargs)
+    assert off.tile_regions_used == [(False, False)] and off.decoders == [("libjpeg", "libjpeg")]
+    mixed = wsitile.Loader(slides, shuffle=True, cache_mb=16, augment=True, **kwargs)
+    whole = wsitile.Loader(slides, shuffle=True, cache_mb=16, augment=True, tile_regions=False, **kwargs)
+    np.testing.assert_array_equal(np.concatenate([b["images"] for b in mixed]),
+                                  np.concatenate([b["images"] for b in whole]))
+
+
+def test_corrupt_tile_in_a_region_names_file_and_is_skipped(crafted, libjpeg, tmp_path):
+    """A corrupt tile read as a region fails its sample the way a whole-tile read does: RuntimeError
+    naming the slide, or with on_error="skip" left out, the other windows still OpenSlide's."""
+    path = tmp_path / "corrupt.tif"
+    shutil.copy(crafted, path)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
+    with open(path, "r+b") as fh:
+        fh.seek(offset + count // 3)
+        fh.write(np.random.default_rng(0).integers(0, 256, count // 3, dtype=np.uint8).tobytes())
+    loader = wsitile.Loader([(path, None)], **thrash_kwargs(shuffle=True, cache_mb=1))
+    assert loader.tile_regions_used == [(True, False)]  # the corrupt tile is on level 0
+    with pytest.raises(RuntimeError, match=str(path)):
+        list(loader)
+    skipping = wsitile.Loader([(path, None)], on_error="skip", **thrash_kwargs(shuffle=True, cache_mb=1))
+    kept = list(skipping)
+    assert 0 < skipping.num_skipped < skipping.num_samples
+    slide = openslide.OpenSlide(str(path))
+    ds = slide.level_downsamples
+    for batch in kept:
+        for k in range(len(batch["labels"])):
+            x, y = (int(v) for v in batch["coords"][k])
+            for t, level in enumerate((0, 1)):
+                loc = place(x, y, 80, ds[0], ds[level])
+                np.testing.assert_array_equal(batch["images"][k, t], over_white(slide.read_region(loc, level, (80, 80))))

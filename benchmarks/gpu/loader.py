@@ -89,7 +89,8 @@ def forever(loader) -> Iterator[dict[str, np.ndarray]]:
         yield from loader
 
 
-def open_loader(slides, side: int, batch: int, threads: int, cache_mb: int, labels: bool = True):
+def open_loader(slides, side: int, batch: int, threads: int, cache_mb: int, labels: bool = True,
+                tile_regions: bool = True):
     """The Loader as `wsitile train` opens it (shuffled, balanced, augmented). labels=False drops the
     masks and the balancing for the scaling rows: a sample's label does not change what it costs to
     cut, and the rows then time cutting alone (labelling from mask tiles is ~0.05 s per 16k slide)."""
@@ -98,7 +99,7 @@ def open_loader(slides, side: int, batch: int, threads: int, cache_mb: int, labe
     if not labels:
         slides = [(path, None) for path, _ in slides]
     return Loader(slides, **SETTINGS[side], batch_size=batch, threads=threads, shuffle=True, balanced=labels,
-                  augment=True, drop_last=True, cache_mb=cache_mb, seed=0)
+                  augment=True, drop_last=True, cache_mb=cache_mb, seed=0, tile_regions=tile_regions)
 
 
 class CpuClock:
@@ -122,10 +123,11 @@ class CpuClock:
                 f"{self.switches / max(pairs, 1):.2f} switches/pair")
 
 
-def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seconds: float) -> tuple[float, str]:
+def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seconds: float,
+                tile_regions: bool = True) -> tuple[float, str]:
     """Augmented pairs/s of a fresh loader (empty caches) after its first batch (the pipeline fill),
     and its CPU cost per pair (CpuClock)."""
-    with open_loader(slides, side, batch, threads, cache_mb, labels=False) as loader:
+    with open_loader(slides, side, batch, threads, cache_mb, labels=False, tile_regions=tile_regions) as loader:
         it = forever(loader)
         next(it)
         n = 0
@@ -190,8 +192,11 @@ def scaling(slides, side: int, args, budget: Budget) -> list[Row]:
     rates: dict[int, float] = {}
     base: dict[int, float] = {}
     positions, levels = window_positions(slides, side, args.cache_mb, max(args.threads))
+    with open_loader(slides, side, 1, 1, args.cache_mb, labels=False) as probe:
+        regions = probe.tile_regions_used[0]
     print(f"[scaling {side}px] {len(positions):,} windows; tower levels {levels} hold "
-          f"{tower_megabytes(slides, tuple(levels)):,.0f} MB decoded, block cache {args.cache_mb} MB", flush=True)
+          f"{tower_megabytes(slides, tuple(levels)):,.0f} MB decoded, block cache {args.cache_mb} MB; "
+          f"windows from tile parts (uncached) per tower: {regions}", flush=True)
     for t in args.threads:
         if not budget.allows(2 * args.seconds + 10):
             print(f"[scaling {side}px] {t} threads skipped: budget", flush=True)
@@ -211,6 +216,13 @@ def scaling(slides, side: int, args, budget: Budget) -> list[Row]:
         if 1 in rates and top > 1:
             rows.append(Row(f"wsitile Loader {side}px, {top} thr", rates[top], f"{top} x wsitile 1 thr",
                             top * rates[1], 0.8, "parallel efficiency"))
+        if any(regions) and budget.allows(args.seconds + 10):  # the same loader with whole tiles cached
+            whole, cpu = loader_rate(slides, side, args.loader_batch[side], top, args.cache_mb, args.seconds,
+                                     tile_regions=False)
+            print(f"[scaling {side}px] {top:2d} threads, whole tiles through the cache: {whole:,.0f} pairs/s, {cpu}",
+                  flush=True)
+            rows.append(Row(f"wsitile Loader {side}px, {top} thr (tile parts)", rates[top],
+                            f"same, tile_regions=False (whole tiles cached), {top} thr", whole, None, cpu))
     return rows
 
 

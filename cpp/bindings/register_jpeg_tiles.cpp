@@ -67,4 +67,22 @@ void register_jpeg_tiles(py::module_& m) {
       py::arg("path"), py::arg("layout"), py::arg("page"), py::arg("col"), py::arg("row"),
       "Tile (col, row) of page `page` decoded straight from the file: uint8 (tile, tile, 3) RGB, white\n"
       "beyond the page's edge. For tests and diagnostics; the loader decodes through Slide.");
+  m.def(
+      "read_jpeg_tile_region",
+      [](const std::string& path, std::shared_ptr<Layout> layout, size_t page, int64_t col, int64_t row, int64_t x,
+         int64_t y, int64_t w, int64_t h) {
+        if (page >= layout->pages.size()) throw std::invalid_argument("page index out of range");
+        if (w < 1 || h < 1) throw std::invalid_argument("region must be at least 1x1");
+        const wsitile::JpegTileLevel& p = layout->pages[page];
+        std::vector<uint8_t> rgb(static_cast<size_t>(w) * static_cast<size_t>(h) * 3);
+        {
+          py::gil_scoped_release release;
+          wsitile::JpegTileReader(path, layout).read_tile_region(p, col, row, x, y, w, h, rgb.data(), w * 3);
+        }
+        return wsitile::bindings::to_numpy(std::move(rgb), {h, w, 3});
+      },
+      py::arg("path"), py::arg("layout"), py::arg("page"), py::arg("col"), py::arg("row"), py::arg("x"), py::arg("y"),
+      py::arg("w"), py::arg("h"),
+      "Pixels [x, x + w) x [y, y + h) of tile (col, row) of page `page`, decoded from only the part of the\n"
+      "tile they need: uint8 (h, w, 3), equal to read_jpeg_tile's pixels there. For tests and diagnostics.");
 }

@@ -46,7 +46,8 @@ void register_loader(py::module_& m) {
                        int64_t window, int64_t batch_size, int threads, bool shuffle, bool balanced,
                        bool drop_last, uint64_t seed, size_t cache_bytes, std::optional<py::tuple> augment,
                        const std::string& out_dtype, size_t tile_cache_bytes, const std::string& on_error,
-                       const std::vector<std::optional<std::shared_ptr<wsitile::JpegTileLayout>>>& jpeg_tiles) {
+                       const std::vector<std::optional<std::shared_ptr<wsitile::JpegTileLayout>>>& jpeg_tiles,
+                       bool tile_regions) {
              const py::ssize_t n = slide_index.size();
              wsitile::SampleTable t;
              t.slide = wsitile_py::column<int32_t>(slide_index, "slide_index", n);
@@ -64,6 +65,7 @@ void register_loader(py::module_& m) {
              cfg.seed = seed;
              cfg.cache_bytes = cache_bytes;
              cfg.tile_cache_bytes = tile_cache_bytes;
+             cfg.tile_regions = tile_regions;
              if (on_error != "raise" && on_error != "skip") {
                throw std::invalid_argument("on_error must be 'raise' or 'skip', got '" + on_error + "'");
              }
@@ -81,13 +83,18 @@ void register_loader(py::module_& m) {
            py::arg("augment") = py::none(), py::arg("out_dtype") = "uint8",
            py::arg("tile_cache_bytes") = size_t{32} << 20, py::arg("on_error") = "raise",
            py::arg_v("jpeg_tiles", std::vector<std::optional<std::shared_ptr<wsitile::JpegTileLayout>>>{}, "[]"),
+           py::arg("tile_regions") = true,
            "`jpeg_tiles`: empty, or one JpegTileLayout (or None) per slide: blocks of the levels it covers\n"
-           "are decoded straight from the file's JPEG tiles once checked against OpenSlide.")
+           "are decoded straight from the file's JPEG tiles once checked against OpenSlide. `tile_regions`:\n"
+           "shuffled levels that would thrash the block cache decode each window's part of its tiles.")
       .def_property_readonly("num_samples", &wsitile::Loader::num_samples)
       .def_property_readonly("cache_bytes_used", &wsitile::Loader::cache_bytes_used)
       .def("uses_block_cache", &wsitile::Loader::uses_block_cache, py::arg("slide"))
       .def("decodes_jpeg_tiles", &wsitile::Loader::decodes_jpeg_tiles, py::arg("slide"), py::arg("tower"),
            "True when the tower's blocks are decoded straight from JPEG tiles rather than read through OpenSlide.")
+      .def("decodes_tile_regions", &wsitile::Loader::decodes_tile_regions, py::arg("slide"), py::arg("tower"),
+           "True when the tower's windows are decoded from just their part of each JPEG tile, uncached\n"
+           "(shuffled epochs whose blocks would mostly miss the block cache).")
       .def_property_readonly("batches_per_epoch", &wsitile::Loader::batches_per_epoch)
       .def("get_state",
            [](const wsitile::Loader& l) {

@@ -112,6 +112,7 @@ Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr
   if (cache_) api_->set_cache(osr_, cache_->get());
   jpeg_checked_.reset(new std::once_flag[levels_.size()]);
   jpeg_page_.assign(levels_.size(), nullptr);
+  jpeg_regions_.assign(levels_.size(), 0);
   if (jpeg_tiles) {
     try {
       if (jpeg_tiles->identity != identity_) {
@@ -151,9 +152,48 @@ const JpegTileLevel* Slide::jpeg_page(int32_t lvl) const {
     } catch (const SlideReadError&) {
       return;  // OpenSlide cannot read it either: the loader's fault handling takes it from here
     }
-    if (direct == oracle) jpeg_page_[lvl] = page;
+    if (direct != oracle) return;
+    jpeg_page_[lvl] = page;
+    // Partial decodes of the same tile must give the full decode's pixels: regions touching each
+    // edge, iMCU-aligned or not, one pixel wide or tall (a libjpeg whose crop or skip differs keeps
+    // whole-tile blocks).
+    if (!jpeg_->can_read_regions()) return;
+    const int64_t regions[][4] = {{1, 1, t - 2, t - 2},           {t / 3 + 1, t / 5 + 3, t / 4 + 1, t / 3 - 1},
+                                  {0, 0, t / 7 + 2, t / 9 + 1},   {t - t / 5 - 3, t - t / 4 - 1, t / 5 + 3, t / 4 + 1},
+                                  {t / 2 - 1, 0, 1, t},           {0, t / 2 + 1, t, 1}};
+    for (const auto& r : regions) {
+      std::vector<uint8_t> part(static_cast<size_t>(r[2] * r[3] * 3));
+      try {
+        jpeg_->read_tile_region(*page, col, row, r[0], r[1], r[2], r[3], part.data(), r[2] * 3);
+      } catch (const SlideReadError&) {
+        return;
+      }
+      for (int64_t y = 0; y < r[3]; ++y) {
+        if (std::memcmp(part.data() + y * r[2] * 3, direct.data() + ((r[1] + y) * t + r[0]) * 3,
+                        static_cast<size_t>(r[2] * 3)) != 0) {
+          return;
+        }
+      }
+    }
+    jpeg_regions_[lvl] = true;
   });
   return jpeg_page_[lvl];
+}
+
+bool Slide::jpeg_regions(int32_t lvl) const { return jpeg_page(lvl) && jpeg_regions_[lvl]; }
+
+void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size, int64_t x, int64_t y, int64_t w,
+                              int64_t h, uint8_t* dest, int64_t row_stride) const {
+  const JpegTileLevel* page = jpeg_page(lvl);
+  if (!page || !jpeg_regions_[lvl] || size != page->tile) {
+    throw std::logic_error(path_ + ": level " + std::to_string(lvl) + " has no checked JPEG tile regions of size " +
+                           std::to_string(size));
+  }
+  if (bx < 0 || by < 0 || bx >= page->tiles_across() || by >= page->tiles_down()) {
+    for (int64_t r = 0; r < h; ++r) std::memset(dest + r * row_stride, 255, static_cast<size_t>(w * 3));
+    return;  // wholly outside the slide: white
+  }
+  jpeg_->read_tile_region(*page, bx, by, x, y, w, h, dest, row_stride);
 }
 
 int32_t Slide::jpeg_tile_size(int32_t lvl) const {

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile']
+__all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile', 'read_jpeg_tile_region']
 class SlideChangedError(RuntimeError):
     pass
 class Slide:
@@ -47,16 +47,22 @@ class JpegTileLayout:
     def page_sizes(self) -> list[tuple[int, int, int]]:
         ...
 class Loader:
-    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise', jpeg_tiles: collections.abc.Sequence[JpegTileLayout | None] = []) -> None:
+    def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise', jpeg_tiles: collections.abc.Sequence[JpegTileLayout | None] = [], tile_regions: bool = True) -> None:
         """
         `jpeg_tiles`: empty, or one JpegTileLayout (or None) per slide: blocks of the levels it covers
-        are decoded straight from the file's JPEG tiles once checked against OpenSlide.
+        are decoded straight from the file's JPEG tiles once checked against OpenSlide. `tile_regions`:
+        shuffled levels that would thrash the block cache decode each window's part of its tiles.
         """
     def close(self) -> None:
         ...
     def decodes_jpeg_tiles(self, slide: typing.SupportsInt | typing.SupportsIndex, tower: typing.SupportsInt | typing.SupportsIndex) -> bool:
         """
         True when the tower's blocks are decoded straight from JPEG tiles rather than read through OpenSlide.
+        """
+    def decodes_tile_regions(self, slide: typing.SupportsInt | typing.SupportsIndex, tower: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        """
+        True when the tower's windows are decoded from just their part of each JPEG tile, uncached
+        (shuffled epochs whose blocks would mostly miss the block cache).
         """
     def get_state(self) -> dict:
         ...
@@ -110,4 +116,9 @@ def read_jpeg_tile(path: str, layout: JpegTileLayout, page: typing.SupportsInt |
     """
     Tile (col, row) of page `page` decoded straight from the file: uint8 (tile, tile, 3) RGB, white
     beyond the page's edge. For tests and diagnostics; the loader decodes through Slide.
+    """
+def read_jpeg_tile_region(path: str, layout: JpegTileLayout, page: typing.SupportsInt | typing.SupportsIndex, col: typing.SupportsInt | typing.SupportsIndex, row: typing.SupportsInt | typing.SupportsIndex, x: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, h: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    """
+    Pixels [x, x + w) x [y, y + h) of tile (col, row) of page `page`, decoded from only the part of the
+    tile they need: uint8 (h, w, 3), equal to read_jpeg_tile's pixels there. For tests and diagnostics.
     """

@@ -63,7 +63,12 @@ class Loader:
     JPEG TIFF (Camelyon16's format) are its tiles, decoded straight from the file with libjpeg-turbo,
     several times faster than OpenSlide's read_region and checked per level to give its exact pixels
     (`wsitile.jpeg_tiles`); they are used in any order, since a miss costs what OpenSlide's own tile
-    cache pays on its misses. Other slides, and ``decoder="openslide"``, use 256x256 blocks read
+    cache pays on its misses. In shuffled (or balanced) epochs, a tower level whose tiles would
+    mostly miss the cache (less than about half the blocks it can touch fit in what the smaller
+    levels leave) skips the cache instead: each window is decoded from just its part of each tile
+    (libjpeg-turbo's partial decoding, checked per level to give the whole tile's pixels), about half
+    a tile decode's work; ``tile_regions=False`` keeps whole tiles cached regardless. Other slides, and
+    ``decoder="openslide"``, use 256x256 blocks read
     through OpenSlide, in shuffled order only when all blocks the epoch can touch fit (else one
     OpenSlide read per window). `decoders` says which path each tower takes. `tile_cache_mb` bounds OpenSlide's
     own decoded-tile cache, one cache shared by all the loader's slides (0: no tile caching). Memory
@@ -103,6 +108,7 @@ class Loader:
         tile_cache_mb: int = 32,
         on_error: str = "raise",
         decoder: str = "auto",
+        tile_regions: bool = True,
     ):
         for name, value in (
             ("batch_size", batch_size),
@@ -185,6 +191,7 @@ class Loader:
             int(tile_cache_mb) * 1024 * 1024,
             on_error,
             layouts,
+            bool(tile_regions),
         )
 
     @property
@@ -211,10 +218,20 @@ class Loader:
 
     @property
     def decoders(self) -> list[tuple[str, ...]]:
-        """Per slide, per tower: "libjpeg" where blocks are JPEG tiles decoded straight from the file,
-        "openslide" where pixels come through OpenSlide's read_region."""
+        """Per slide, per tower: "libjpeg" where blocks are JPEG tiles decoded straight from the file
+        (whole and cached, or each window's part of them: `tile_regions_used`), "openslide" where pixels
+        come through OpenSlide's read_region."""
         return [
             tuple("libjpeg" if self._core.decodes_jpeg_tiles(s, t) else "openslide" for t in range(len(self.levels)))
+            for s in range(len(self.slides))
+        ]
+
+    @property
+    def tile_regions_used(self) -> list[tuple[bool, ...]]:
+        """Per slide, per tower: True where each window is decoded from just its part of the JPEG tiles
+        it overlaps, bypassing the block cache (shuffled levels that would thrash it)."""
+        return [
+            tuple(bool(self._core.decodes_tile_regions(s, t)) for t in range(len(self.levels)))
             for s in range(len(self.slides))
         ]
 

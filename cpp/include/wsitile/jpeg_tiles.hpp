@@ -10,6 +10,7 @@
 // ships), never linked. Slide verifies each level against OpenSlide before using it (slide.hpp).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -61,11 +62,34 @@ class JpegTileReader {
   // libjpeg's warnings count as errors, as in OpenSlide).
   void read_tile(const JpegTileLevel& page, int64_t col, int64_t row, uint8_t* dst) const;
 
+  // The loaded libjpeg has libjpeg-turbo's partial decoding (jpeg_crop_scanline, jpeg_skip_scanlines).
+  bool can_read_regions() const;
+  // Pixels [x, x + w) x [y, y + h) of tile (col, row) (tile coordinates, inside the tile) into dst,
+  // row stride `stride` bytes: what read_tile gives there, decoding only the iMCU columns and rows
+  // the region needs (and one pixel around it). A tile's first read entropy-decodes the rest of it
+  // too, so corrupt data anywhere in the tile fails every region as it fails read_tile; later reads
+  // of a tile that decoded cleanly stop after their last row. Why: a window cut from
+  // a tile that will not be asked for again (shuffled epochs far larger than the block cache) needs
+  // a fraction of the tile's IDCT, upsampling and colour conversion, and none of its stores. Slide
+  // checks per level that the two agree before the loader uses this. Throws as read_tile.
+  void read_tile_region(const JpegTileLevel& page, int64_t col, int64_t row, int64_t x, int64_t y, int64_t w,
+                        int64_t h, uint8_t* dst, int64_t stride) const;
+
  private:
+  [[noreturn]] void fail(const JpegTileLevel& page, int64_t col, int64_t row, const std::string& why) const;
+  // The tile's compressed bytes (a thread-local buffer, valid until this thread's next call).
+  const std::vector<uint8_t>& read_bytes(const JpegTileLevel& page, int64_t col, int64_t row) const;
+  // Tiles whose whole entropy-coded data decoded without error (by read_tile, or a region's first read).
+  size_t tile_bit(const JpegTileLevel& page, int64_t col, int64_t row) const;
+  bool decoded(const JpegTileLevel& page, int64_t col, int64_t row) const;
+  void mark_decoded(const JpegTileLevel& page, int64_t col, int64_t row) const;
+
   std::string path_;
   std::shared_ptr<const JpegTileLayout> layout_;
   const LibJpeg* api_ = nullptr;
   int fd_ = -1;
+  std::vector<size_t> first_bit_;                     // per page: its first tile's bit in decoded_
+  std::unique_ptr<std::atomic<uint64_t>[]> decoded_;  // one bit per tile of every page
 };
 
 }  // namespace wsitile

@@ -46,6 +46,9 @@ struct LoaderConfig {
   // Fused augmentation, applied by the worker right after it cuts a window (no extra batch pass).
   std::optional<AugmentConfig> augment;
   OutDtype out_dtype = OutDtype::kUint8;
+  // Shuffled epochs whose JPEG tiles would mostly miss the block cache cut windows from just their
+  // part of each tile (choose_block_policy); false keeps whole tiles in the cache regardless.
+  bool tile_regions = true;
 };
 
 // The grid over all slides, one row per window.
@@ -106,6 +109,13 @@ class Loader {
     const SlideGeometry& g = geometry_.at(slide);
     return g.blocks && g.jpeg.at(tower);
   }
+  // True when tower `tower` of `slide` cuts each window straight from the JPEG tiles it overlaps,
+  // decoding only the window's part of each and caching nothing (shuffled epochs whose blocks would
+  // mostly miss the block cache; see choose_block_policy).
+  bool decodes_tile_regions(int32_t slide, size_t tower) const {
+    const SlideGeometry& g = geometry_.at(slide);
+    return g.blocks && g.region.at(tower);
+  }
   int64_t batches_per_epoch() const;
   const LoaderConfig& config() const { return cfg_; }
   LoaderState state() const;
@@ -138,6 +148,7 @@ class Loader {
     bool blocks = false;  // windows come from the block cache (else: one read_region per window)
     std::vector<int64_t> block;  // per tower: block edge (the JPEG tile edge where jpeg, else kSize)
     std::vector<bool> jpeg;      // per tower: blocks are JPEG tiles decoded straight from the file
+    std::vector<bool> region;    // per tower: windows decoded from their part of each tile, uncached
   };
 
   void start_epoch_locked();

@@ -125,6 +125,15 @@ class Slide {
   // integral for the block to sit on whole level-0 pixels).
   void read_block(int32_t level, int64_t bx, int64_t by, int64_t size, uint8_t* dest) const;
 
+  // True when jpeg_tile_size(level) > 0 and partial decodes of that level's tiles were checked to
+  // give the whole tile's pixels (JpegTileReader::read_tile_region, on the check tile).
+  bool jpeg_regions(int32_t level) const;
+  // Pixels [x, x + w) x [y, y + h) of read_block(level, bx, by, size)'s block (block coordinates)
+  // into dest (row stride `row_stride` bytes), decoding only that part of the tile. Needs
+  // jpeg_regions(level) and size == jpeg_tile_size(level) (std::logic_error otherwise).
+  void read_block_region(int32_t level, int64_t bx, int64_t by, int64_t size, int64_t x, int64_t y, int64_t w,
+                         int64_t h, uint8_t* dest, int64_t row_stride) const;
+
  private:
   void check_error(const std::string& what) const;
   // The verified JPEG page of `level` (jpeg_tile_size's check), or nullptr.
@@ -140,6 +149,7 @@ class Slide {
   std::unique_ptr<JpegTileReader> jpeg_;  // null: every read goes through OpenSlide
   std::unique_ptr<std::once_flag[]> jpeg_checked_;
   mutable std::vector<const JpegTileLevel*> jpeg_page_;  // per level, set once under jpeg_checked_[level]
+  mutable std::vector<uint8_t> jpeg_regions_;            // per level, likewise
 };
 
 // ARGB (premultiplied) -> RGB over white. `n` pixels.

@@ -1,4 +1,8 @@
-"""Ctrl-C (SIGINT) during iteration stops the loader promptly with KeyboardInterrupt."""
+"""Ctrl-C (SIGINT) during iteration stops the loader promptly with KeyboardInterrupt.
+
+The child scripts install Python's SIGINT handler themselves: a process started in the background
+by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then leaves it ignored.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import textwrap
 def test_sigint_stops_iteration_promptly(tumour_slide):
     script = textwrap.dedent(
         f"""
-        import sys, wsitile
+        import signal, sys, wsitile
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
         loader = wsitile.Loader([({str(tumour_slide['slide'])!r}, None)], tissue_threshold=None,
                                 batch_size=256, threads=1, cache_mb=0)
         try:
@@ -42,6 +47,7 @@ def test_sigint_taken_by_a_non_python_thread_still_stops_iteration(tumour_slide)
     script = textwrap.dedent(
         f"""
         import ctypes, signal, sys, time, wsitile
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
         libc = ctypes.CDLL(None, use_errno=True)
         loader = wsitile.Loader([({str(tumour_slide['slide'])!r}, None)], tissue_threshold=None,
                                 batch_size=4, threads=1)
@@ -65,11 +71,12 @@ def test_sigint_taken_by_a_non_python_thread_still_stops_iteration(tumour_slide)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "batch"
     try:
-        out, _ = proc.communicate(timeout=60)  # hang guard
+        assert proc.stdout.readline().strip() == "batch"
+        proc.wait(timeout=60)  # hang guard; the child prints only twice, so its pipe cannot fill
     finally:
         proc.kill()
+    out = proc.stdout.read()  # through the same buffer as readline, which may hold the next line already
     assert proc.returncode == 3 and "interrupted" in out
 
 

@@ -42,6 +42,16 @@ RATIOS = [
 ]
 
 
+def record(benchmark, name: str, n: int, **extra: object) -> None:
+    """RATES[name] = n samples over the benchmark's median round, also kept in its extra_info. With
+    --benchmark-disable (each benchmark body run once, as a smoke test) there are no timings: nothing
+    is recorded."""
+    if benchmark.stats is None:
+        return
+    RATES[name] = n / benchmark.stats.stats.median
+    benchmark.extra_info.update(samples_per_s=RATES[name], **extra)
+
+
 @pytest.fixture(scope="session")
 def bench_slide(tmp_path_factory) -> dict[str, Path]:
     """The issue's benchmark slide: a 16,384 x 16,384 px synthetic tumour slide with its mask."""

@@ -26,7 +26,7 @@ import pytest
 import wsitile
 from wsitile.augment import AugmentConfig, draw_params
 
-from .conftest import RATES, RATIOS
+from .conftest import RATES, RATIOS, record
 
 SIDES = (80, 299)
 BATCH = {80: 256, 299: 24}  # pairs per call
@@ -53,12 +53,6 @@ def make_batch(side: int, n: int | None = None):
     rng = np.random.default_rng(side)
     images = rng.integers(0, 256, (n, 2, side, side, 3), dtype=np.uint8)
     return images, draw_params(AugmentConfig(), seed=0, epoch=0, sample_indices=np.arange(n))
-
-
-def record(benchmark, name: str, n: int) -> None:
-    rate = n / benchmark.stats.stats.median
-    RATES[name] = rate
-    benchmark.extra_info["samples_per_s"] = rate
 
 
 # --- dm-pix under jax.jit --------------------------------------------------------------------------

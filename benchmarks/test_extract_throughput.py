@@ -23,7 +23,7 @@ import tifffile
 
 import wsitile
 
-from .conftest import RATES
+from .conftest import RATES, record
 
 LEVELS, WINDOW, CENTER, STRIDE = (2, 3), 80, 50, 80
 CACHE = 512 << 20
@@ -51,12 +51,6 @@ def python_pipeline(path: str, mask_lb: np.ndarray, xy: np.ndarray, order: np.nd
         tumour += int(mask_lb[y + o : y + o + CENTER, x + o : x + o + CENTER].any())
     assert pair.shape == (2, WINDOW, WINDOW, 3)
     return tumour
-
-
-def record(benchmark, name: str, n: int) -> None:
-    rate = n / benchmark.stats.stats.median
-    RATES[name] = rate
-    benchmark.extra_info["samples_per_s"] = rate
 
 
 @pytest.mark.parametrize("order", ["grid", "shuffled"])
@@ -135,7 +129,7 @@ def test_thread_scaling_interleaved(benchmark, bench_slide, grid, shuffle):
         return (open_loader(bench_slide, 2, shuffle),), {}
 
     n = benchmark.pedantic(epoch, setup=setup, rounds=3 * ROUNDS, iterations=1)
-    assert n == len(grid) and len(one) == 3 * ROUNDS
+    assert n == len(grid) and len(one) == (3 * ROUNDS if benchmark.enabled else 1)
     order = "shuffled" if shuffle else "grid"
     record(benchmark, f"wsitile {order} 2 threads (cold, interleaved)", n)
     one_rate = n / float(np.median(one))

@@ -18,7 +18,7 @@ from wsitile.grid import centre_rects
 from wsitile.mask_tiles import any_in_rects
 from wsitile.slide import Slide
 
-from .conftest import RATES
+from .conftest import record
 
 ROUNDS = 3
 
@@ -30,10 +30,6 @@ def setup(bench_slide):
     truth = wsitile.build_grid(bench_slide["slide"], bench_slide["mask"], tissue_threshold=None).labels
     assert truth.sum() > 0
     return str(bench_slide["mask"]), grid, rects, truth
-
-
-def record(benchmark, name: str, n: int) -> None:
-    RATES[name] = n / benchmark.stats.stats.median
 
 
 @pytest.mark.parametrize("threads", [1, 2])

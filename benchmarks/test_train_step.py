@@ -20,7 +20,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from .conftest import RATES, RATIOS  # noqa: E402
+from .conftest import RATIOS, record  # noqa: E402
 from .train_steps import keras_step, wsitile_step  # noqa: E402
 
 GPU = jax.default_backend() == "gpu"
@@ -34,11 +34,6 @@ for _side in (80, 299):
     RATIOS.append((f"train step {_side}px full frozen<150 (wsitile)", f"train step {_side}px full (wsitile)"))
 
 
-def _record(benchmark, name: str, pairs: int) -> None:
-    RATES[name] = pairs / benchmark.stats.stats.median
-    benchmark.extra_info.update(pairs_per_s=RATES[name], device=DEVICE)
-
-
 @pytest.mark.parametrize("side", [80, 299])
 @pytest.mark.parametrize("model", ["small", "full", "full frozen<150"])
 def test_wsitile_step(benchmark, side, model):
@@ -48,7 +43,7 @@ def test_wsitile_step(benchmark, side, model):
                        fine_tune_from=150 if "frozen" in model else 0)
     run(1)  # compile
     benchmark.pedantic(run, args=(STEPS,), rounds=3, iterations=1)
-    _record(benchmark, f"train step {side}px {model} (wsitile)", STEPS * BATCH[side])
+    record(benchmark, f"train step {side}px {model} (wsitile)", STEPS * BATCH[side], device=DEVICE)
 
 
 @pytest.mark.parametrize("side", [80, 299])
@@ -61,4 +56,4 @@ def test_keras_step(benchmark, side):
     run = keras_step(side, BATCH[side], bf16=GPU)
     run(1)  # compile
     benchmark.pedantic(run, args=(STEPS,), rounds=3, iterations=1)
-    _record(benchmark, f"train step {side}px full (Keras 3 JAX)", STEPS * BATCH[side])
+    record(benchmark, f"train step {side}px full (Keras 3 JAX)", STEPS * BATCH[side], device=DEVICE)

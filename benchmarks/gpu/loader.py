@@ -222,7 +222,7 @@ def scaling(slides, side: int, args, budget: Budget) -> list[Row]:
             print(f"[scaling {side}px] {top:2d} threads, whole tiles through the cache: {whole:,.0f} pairs/s, {cpu}",
                   flush=True)
             rows.append(Row(f"wsitile Loader {side}px, {top} thr (tile parts)", rates[top],
-                            f"same, tile_regions=False (whole tiles cached), {top} thr", whole, None, cpu))
+                            f"same, tile_regions=False (whole tiles cached), {top} thr", whole, None, f"whole tiles: {cpu}"))
     return rows
 
 

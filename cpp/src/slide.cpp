@@ -186,8 +186,14 @@ void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size,
                               int64_t h, uint8_t* dest, int64_t row_stride) const {
   const JpegTileLevel* page = jpeg_page(lvl);
   if (!page || !jpeg_regions_[lvl] || size != page->tile) {
-    throw std::logic_error(path_ + ": level " + std::to_string(lvl) + " has no checked JPEG tile regions of size " +
-                           std::to_string(size));
+    // Not checked on this handle (a fresh one whose check could not run): the whole block, then the part.
+    thread_local std::vector<uint8_t> block;
+    block.resize(static_cast<size_t>(size * size * 3));
+    read_block(lvl, bx, by, size, block.data());
+    for (int64_t r = 0; r < h; ++r) {
+      std::memcpy(dest + r * row_stride, block.data() + ((y + r) * size + x) * 3, static_cast<size_t>(w * 3));
+    }
+    return;
   }
   if (bx < 0 || by < 0 || bx >= page->tiles_across() || by >= page->tiles_down()) {
     for (int64_t r = 0; r < h; ++r) std::memset(dest + r * row_stride, 255, static_cast<size_t>(w * 3));

@@ -129,8 +129,8 @@ class Slide {
   // give the whole tile's pixels (JpegTileReader::read_tile_region, on the check tile).
   bool jpeg_regions(int32_t level) const;
   // Pixels [x, x + w) x [y, y + h) of read_block(level, bx, by, size)'s block (block coordinates)
-  // into dest (row stride `row_stride` bytes), decoding only that part of the tile. Needs
-  // jpeg_regions(level) and size == jpeg_tile_size(level) (std::logic_error otherwise).
+  // into dest (row stride `row_stride` bytes): decoding only that part of the tile where
+  // jpeg_regions(level) and size == jpeg_tile_size(level), else through the whole block.
   void read_block_region(int32_t level, int64_t bx, int64_t by, int64_t size, int64_t x, int64_t y, int64_t w,
                          int64_t h, uint8_t* dest, int64_t row_stride) const;
 

@@ -144,15 +144,17 @@ bool decode(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables
 }
 
 // The tile's pixels [x, x + w) x [y, y + h) into dst (row stride `stride` bytes), decoding only the
-// iMCU columns that cover them (jpeg_crop_scanline) and skipping the rows above and below
-// (jpeg_skip_scanlines: entropy decoding only, no IDCT, upsampling or colour conversion), and
-// with `to_end` the rows below it too.
-// The decoded span reaches one pixel beyond the region on each side where the tile allows (then
-// out to the iMCU columns holding it). Why: at a crop's edge libjpeg's fancy upsampling replicates
-// the edge chroma sample where a full decode has its neighbour, so the crop's outermost columns
-// differ (seen: 390 of 1,920 random regions without the margin, none with it); rows above a skip
-// come out exact in libjpeg-turbo, and get the same one-row margin for other versions. Slide checks
-// per level that regions equal the full decode before the loader uses them. `scratch` holds kRegionRows rows of the decoded span. Same failure contract as decode.
+// iMCU columns that cover them (jpeg_crop_scanline) and skipping the rows above them
+// (jpeg_skip_scanlines: entropy decoding only, no IDCT, upsampling or colour conversion); with
+// `to_end` the rows below are entropy-decoded too, else decoding stops after the last row. The
+// decoded span reaches one pixel beyond the region on each side where the tile allows (then out to
+// the iMCU columns holding it). Why: at a crop's edge libjpeg's fancy upsampling replicates the edge
+// chroma sample where a full decode has its neighbour, so the crop's outermost columns differ (seen:
+// 390 of 1,920 random regions without the margin, none with it); rows below a skip come out exact in
+// libjpeg-turbo and get the same one-row margin for other versions. Slide checks per level that
+// regions equal the full decode before the loader uses them. `scratch` holds kRegionRows rows of the
+// decoded span. Same failure contract as decode (and the same setjmp prologue: it must sit in the
+// frame that calls libjpeg, so it cannot move into a helper).
 bool decode_region(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables_len, const uint8_t* data,
                    size_t len, bool ycbcr, int32_t tile, int64_t x, int64_t y, int64_t w, int64_t h, uint8_t* dst,
                    int64_t stride, uint8_t* scratch, bool to_end) {

@@ -325,6 +325,8 @@ def test_tile_region_policy(tumour_slide, libjpeg):
     assert wsitile.Loader(slides, shuffle=False, cache_mb=1, **kwargs).tile_regions_used == [(False, False)]
     assert wsitile.Loader(slides, shuffle=True, cache_mb=16, **kwargs).tile_regions_used == [(True, False)]
     assert wsitile.Loader(slides, shuffle=True, cache_mb=1, **kwargs).tile_regions_used == [(True, True)]
+    with pytest.raises(TypeError, match="tile_regions 'no'"):
+        wsitile.Loader(slides, tile_regions="no", **kwargs)
     off = wsitile.Loader(slides, shuffle=True, cache_mb=1, tile_regions=False, **kwargs)
     assert off.tile_regions_used == [(False, False)] and off.decoders == [("libjpeg", "libjpeg")]
     mixed = wsitile.Loader(slides, shuffle=True, cache_mb=16, augment=True, **kwargs)

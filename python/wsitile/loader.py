@@ -129,6 +129,8 @@ class Loader:
                 raise ValueError(f"{name} {value}: must be in [0, {MAX_CACHE_MB}]")
         if decoder not in ("auto", "openslide"):
             raise ValueError(f"decoder {decoder!r}: expected 'auto' or 'openslide'")
+        if not isinstance(tile_regions, (bool, np.bool_)):
+            raise TypeError(f"tile_regions {tile_regions!r}: must be a bool")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error {on_error!r}: expected 'raise' or 'skip'")
         self.on_error = on_error

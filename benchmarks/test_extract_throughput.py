@@ -241,3 +241,22 @@ def test_wsitile_loader_299_thrashing(benchmark, bench_slide, threads, regions):
     assert n == (16384 // 299) ** 2
     name = f"wsitile 299 px shuffled {threads} thread{'s' if threads > 1 else ''} (64 MB cache{'' if regions else ', whole tiles'})"
     record(benchmark, name, n)
+
+
+@pytest.mark.parametrize("cache_mb", [24, 40, 48])
+@pytest.mark.parametrize("regions", [True, False])
+def test_wsitile_loader_cache_sweep(benchmark, bench_slide, grid, cache_mb, regions):
+    """Where the loader switches from tile parts to the cache (choose_block_policy: cached when at
+    least about half of a level's blocks fit): shuffled, 1 thread, levels 2+3 (~60 MB of blocks)
+    through caches around the switch, against whole tiles through the same cache."""
+
+    def make():
+        return open_loader(bench_slide, 1, True, cache_mb=cache_mb, tile_regions=regions)
+
+    n = timed_epochs(benchmark, make, "cold")
+    assert n == len(grid)
+    with open_loader(bench_slide, 1, True, cache_mb=cache_mb, tile_regions=regions) as probe:
+        parts = probe.tile_regions_used[0]
+    benchmark.extra_info["tile_regions_used"] = parts
+    label = f"regions {parts}" if regions else "whole tiles"
+    record(benchmark, f"wsitile shuffled 1 thread ({cache_mb} MB cache, {label})", n)

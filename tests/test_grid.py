@@ -219,6 +219,38 @@ def test_saturation_table_matches_skimage(tslide):
         np.testing.assert_array_equal(saturation(rgb), rgb2hsv(rgb)[..., 1])
 
 
+def test_saturation_mask_matches_skimage_otsu(tslide, normal_slide):
+    """The tissue threshold from the (max, min) histogram equals skimage's: rgb2hsv saturation,
+    threshold_otsu on that image, floored at MIN_SATURATION, then `sat > threshold`; on the slides'
+    tissue levels, noise, two-colour and one-colour images (threshold_otsu's early return) and glass
+    (nothing above MIN_SATURATION)."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    from wsitile.tissue import MIN_SATURATION, saturation_mask
+
+    def reference(rgb: np.ndarray) -> np.ndarray:
+        sat = rgb2hsv(rgb)[..., 1]
+        if float(sat.max()) <= MIN_SATURATION:
+            return np.zeros(sat.shape, dtype=bool)
+        return sat > max(float(threshold_otsu(sat)), MIN_SATURATION)
+
+    rng = np.random.default_rng(2)
+    normal = wsitile.Slide(normal_slide)
+    images = [
+        tslide.read_region((0, 0), 3, tslide.level_dimensions[3]),
+        normal.read_region((0, 0), 2, normal.level_dimensions[2]),
+        rng.integers(0, 256, (123, 77, 3), dtype=np.uint8),
+        np.where(rng.random((40, 50, 1)) < 0.3, [200, 90, 160], [240, 238, 241]).astype(np.uint8),
+        np.full((9, 7, 3), [200, 90, 160], np.uint8),
+        np.full((9, 7, 3), 243, np.uint8),
+    ]
+    for k, rgb in enumerate(images):
+        expected = reference(rgb)
+        np.testing.assert_array_equal(saturation_mask(rgb), expected, err_msg=f"image {k}")
+    assert images and reference(images[0]).any() and not reference(images[0]).all()
+
+
 def _saturated_fraction(rgb: np.ndarray) -> float:
     """Share of pixels whose HSV saturation exceeds 0.1 (glass ~0.01, H&E stroma ~0.29)."""
     rgb = rgb.astype(np.float64)

@@ -1,0 +1,93 @@
+"""The tissue grid of a Camelyon-size slide: what `wsitile predict` (and `train`, per slide) builds
+before its first window. The slide is the GPU suite's mosaic (98,304 x 196,608 px, ~25% tissue,
+`benchmarks.gpu.inference.mosaic_slide`; ~30 s to write); its tissue level is 6,144 x 3,072 px.
+
+Rates are the grid's windows (48,309) per second of the step timed. Baselines in the same run: the tissue mask through skimage's rgb2hsv
+saturation image and threshold_otsu on it (what the code did before the (max, min) table), and the
+float64 table lookup with threshold_otsu on the image (before the histogram).
+
+    pytest benchmarks/test_grid_throughput.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import wsitile
+from wsitile import tissue
+
+from .conftest import RATIOS, record
+
+ROUNDS = 3
+WINDOWS = 48_309  # tissue windows of the mosaic at the seed's settings (deterministic generator)
+RATIOS += [
+    ("tissue mask (max, min histogram)", "tissue mask (rgb2hsv + otsu on the image)"),
+    ("tissue mask (max, min histogram)", "tissue mask (float64 table + otsu on the image)"),
+]
+
+
+@pytest.fixture(scope="module")
+def camelyon_size(tmp_path_factory) -> Path:
+    from wsitile.synth import write_slide
+
+    from .gpu.inference import mosaic_slide
+
+    root = tmp_path_factory.mktemp("camelyon_size")
+    write_slide(root / "source.tif", 16384, seed=7, tumour=False)
+    mosaic_slide(root / "camelyon.tif", root / "source.tif", 6, 12, 0.25)
+    return root / "camelyon.tif"
+
+
+def _morphology(mask: np.ndarray) -> np.ndarray:
+    disk = ndimage.generate_binary_structure(2, 1)
+    mask = ndimage.binary_opening(mask, structure=disk)
+    mask = ndimage.binary_closing(mask, structure=disk, iterations=2, border_value=0)
+    return ndimage.binary_fill_holes(mask)
+
+
+def _mask_rgb2hsv(rgb: np.ndarray) -> np.ndarray:
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    sat = rgb2hsv(rgb)[..., 1]
+    return _morphology(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
+
+
+def _mask_table(rgb: np.ndarray) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    sat = tissue.saturation(rgb)
+    return _morphology(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
+
+
+def _mask_histogram(rgb: np.ndarray) -> np.ndarray:
+    return _morphology(tissue.saturation_mask(rgb))
+
+
+@pytest.fixture(scope="module")
+def tissue_level(camelyon_size) -> np.ndarray:
+    slide = wsitile.Slide(camelyon_size)
+    level = tissue.tissue_level(slide, 2, 80)
+    return slide.read_region((0, 0), level, slide.level_dimensions[level])
+
+
+@pytest.mark.parametrize("method", ["rgb2hsv + otsu on the image", "float64 table + otsu on the image",
+                                    "max, min histogram"])
+def test_tissue_mask(benchmark, tissue_level, method):
+    """The mask of the tissue level (read once, outside the timing): saturation, Otsu, morphology."""
+    fn = {"rgb2hsv + otsu on the image": _mask_rgb2hsv, "float64 table + otsu on the image": _mask_table,
+          "max, min histogram": _mask_histogram}[method]
+    mask = benchmark.pedantic(fn, args=(tissue_level,), rounds=ROUNDS, iterations=1)
+    np.testing.assert_array_equal(mask, _mask_histogram(tissue_level))  # every method, the same mask
+    record(benchmark, f"tissue mask ({method})", WINDOWS)
+
+
+def test_build_grid(benchmark, camelyon_size):
+    """The whole grid: tissue level read, mask, integral image, windows (seed settings, 80 px)."""
+    grid = benchmark.pedantic(wsitile.build_grid, args=(camelyon_size, None), rounds=ROUNDS, iterations=1)
+    assert len(grid) == WINDOWS
+    record(benchmark, "build_grid, Camelyon-size slide (80 px, levels 2+3)", len(grid))

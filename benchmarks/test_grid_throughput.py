@@ -27,6 +27,7 @@ WINDOWS = 48_309  # tissue windows of the mosaic at the seed's settings (determi
 RATIOS += [
     ("tissue mask (max, min histogram)", "tissue mask (rgb2hsv + otsu on the image)"),
     ("tissue mask (max, min histogram)", "tissue mask (float64 table + otsu on the image)"),
+    ("Loader over 4 Camelyon-size slides, 2 threads", "Loader over 4 Camelyon-size slides, 1 thread"),
 ]
 
 
@@ -91,3 +92,16 @@ def test_build_grid(benchmark, camelyon_size):
     grid = benchmark.pedantic(wsitile.build_grid, args=(camelyon_size, None), rounds=ROUNDS, iterations=1)
     assert len(grid) == WINDOWS
     record(benchmark, "build_grid, Camelyon-size slide (80 px, levels 2+3)", len(grid))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_loader_opens_four_slides(benchmark, camelyon_size, threads):
+    """`wsitile.Loader` over four Camelyon-size slides (the mosaic four times): grids, masks and tile
+    tables, which the Loader prepares for several slides at once when it has threads (1: one after
+    the other, the baseline)."""
+
+    def open_loader():
+        wsitile.Loader([(camelyon_size, None)] * 4, threads=threads).close()
+
+    benchmark.pedantic(open_loader, rounds=ROUNDS, iterations=1)
+    record(benchmark, f"Loader over 4 Camelyon-size slides, {threads} thread{'s' if threads > 1 else ''}", 4 * WINDOWS)

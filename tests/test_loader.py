@@ -473,6 +473,22 @@ def test_missing_slide_file(tmp_path, tumour):
     path = tmp_path / "missing.tif"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
         wsitile.Loader([tumour, (path, None)])
+    # Slides are prepared in parallel with threads > 1: the missing one is still the one named.
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        wsitile.Loader([tumour, (path, None), tumour], threads=3)
+
+
+def test_slides_prepared_in_parallel_give_each_slides_grid(tumour, normal_slide):
+    """With several threads the slides' grids are built concurrently: each is still build_grid's
+    grid of its own slide (labels from its mask), in the order given."""
+    specs = [tumour, (normal_slide, None), tumour, (normal_slide, None)]
+    loader = wsitile.Loader(specs, threads=3)
+    for (path, mask), grid in zip(specs, loader.grids):
+        expected = wsitile.build_grid(path, mask)
+        assert grid.slide == os.fspath(path)
+        np.testing.assert_array_equal(grid.xy, expected.xy)
+        np.testing.assert_array_equal(grid.labels, expected.labels)
+    assert loader.grids[0].labels.sum() > 0
 
 
 def test_missing_mask_file(tmp_path, tumour):

@@ -50,6 +50,10 @@ class Loader:
     - ``slide_index`` int32 (B,), the slide's position in `slides`;
     - ``sample_index`` int64 (B,), the window's row in `samples` (the concatenated grids).
 
+    Opening builds every slide's grid (`wsitile.build_grid`: tissue mask, centre labels) and reads
+    its JPEG tile table, several slides at once when `threads` allows (about 2 s per Camelyon-size
+    slide on one core).
+
     `augment` (True for the seed's ranges, or an `AugmentConfig`) applies the random orientation and
     colour jitter inside the workers, in the same pass that cuts the windows; a sample's parameters
     depend only on (seed, epoch, position in the epoch) and both towers share them. `out_dtype` is

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 import wsitile
 from wsitile import tissue
@@ -43,30 +42,23 @@ def camelyon_size(tmp_path_factory) -> Path:
     return root / "camelyon.tif"
 
 
-def _morphology(mask: np.ndarray) -> np.ndarray:
-    disk = ndimage.generate_binary_structure(2, 1)
-    mask = ndimage.binary_opening(mask, structure=disk)
-    mask = ndimage.binary_closing(mask, structure=disk, iterations=2, border_value=0)
-    return ndimage.binary_fill_holes(mask)
-
-
 def _mask_rgb2hsv(rgb: np.ndarray) -> np.ndarray:
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     sat = rgb2hsv(rgb)[..., 1]
-    return _morphology(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
+    return tissue.clean_mask(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
 
 
 def _mask_table(rgb: np.ndarray) -> np.ndarray:
     from skimage.filters import threshold_otsu
 
     sat = tissue.saturation(rgb)
-    return _morphology(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
+    return tissue.clean_mask(sat > max(float(threshold_otsu(sat)), tissue.MIN_SATURATION))
 
 
 def _mask_histogram(rgb: np.ndarray) -> np.ndarray:
-    return _morphology(tissue.saturation_mask(rgb))
+    return tissue.clean_mask(tissue.saturation_mask(rgb))
 
 
 @pytest.fixture(scope="module")

@@ -73,9 +73,9 @@ def saturation_mask(rgb: np.ndarray) -> np.ndarray:
     table = _saturation_table().ravel()
     present = np.flatnonzero(counts)
     values, weights = table[present], counts[present]
-    if float(values.max()) <= MIN_SATURATION:
-        return np.zeros(index.shape, dtype=bool)
     low, high = float(values.min()), float(values.max())
+    if high <= MIN_SATURATION:
+        return np.zeros(index.shape, dtype=bool)
     if low == high:
         threshold = low  # threshold_otsu's answer for a single value
     else:
@@ -88,8 +88,11 @@ def tissue_mask(slide: Slide, level: int) -> np.ndarray:
     """Boolean (h, w) tissue mask of `level` (True = tissue)."""
     width, height = slide.level_dimensions[level]
     mask = saturation_mask(slide.read_region((0, 0), level, (width, height)))
-    if not mask.any():
-        return mask
+    return clean_mask(mask) if mask.any() else mask
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """The thresholded mask with specks removed (opening), pinholes closed and holes filled."""
     disk = ndimage.generate_binary_structure(2, 1)
     mask = ndimage.binary_opening(mask, structure=disk)
     mask = ndimage.binary_closing(mask, structure=disk, iterations=2, border_value=0)

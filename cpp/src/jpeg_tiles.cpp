@@ -86,7 +86,14 @@ bool create(Decoder& d, const LibJpeg& api) {
   return true;
 }
 
-constexpr uint32_t kRegionRows = 16;  // rows decode_region hands libjpeg per call
+constexpr uint32_t kRegionRows = 16;  // rows decode hands libjpeg per call
+
+// This thread's rows for the parts of decoded rows that do not go straight into the destination.
+uint8_t* region_scratch(int64_t tile) {
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(static_cast<size_t>(kRegionRows) * static_cast<size_t>(tile) * 3);
+  return scratch.data();
+}
 
 // Reads the tables and the tile's header and starts decompression with OpenSlide's settings: the
 // colour space the TIFF photometric tag names, libjpeg's defaults otherwise (islow IDCT, fancy
@@ -119,30 +126,6 @@ bool start(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables_
   return true;
 }
 
-// Decodes one tile into dst (tile x tile RGB). Returns false with err.message set on failure. No
-// object with a destructor lives in this frame: longjmp may leave it.
-bool decode(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables_len, const uint8_t* data,
-            size_t len, bool ycbcr, int32_t tile, uint8_t* dst) {
-  jpeg_decompress_struct* cinfo = &d.cinfo;
-  if (setjmp(d.err.env)) {  // setjmp stands alone in its condition, as the C standard asks
-    api.abort_decompress(cinfo);
-    return false;
-  }
-  if (!start(d, api, tables, tables_len, data, len, ycbcr, tile)) {
-    api.abort_decompress(cinfo);
-    return false;
-  }
-  JSAMPROW rows[8];
-  while (cinfo->output_scanline < cinfo->output_height) {
-    const JDIMENSION first = cinfo->output_scanline;
-    const JDIMENSION n = std::min<JDIMENSION>(8, cinfo->output_height - first);
-    for (JDIMENSION i = 0; i < n; ++i) rows[i] = dst + static_cast<size_t>(first + i) * tile * 3;
-    api.read_scanlines(cinfo, rows, n);
-  }
-  api.abort_decompress(cinfo);  // resets for the next tile; the trailing EOI is not needed
-  return true;
-}
-
 // The tile's pixels [x, x + w) x [y, y + h) into dst (row stride `stride` bytes), decoding only the
 // iMCU columns that cover them (jpeg_crop_scanline) and skipping the rows above them
 // (jpeg_skip_scanlines: entropy decoding only, no IDCT, upsampling or colour conversion); with
@@ -152,12 +135,13 @@ bool decode(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables
 // chroma sample where a full decode has its neighbour, so the crop's outermost columns differ (seen:
 // 390 of 1,920 random regions without the margin, none with it); rows below a skip come out exact in
 // libjpeg-turbo and get the same one-row margin for other versions. Slide checks per level that
-// regions equal the full decode before the loader uses them. `scratch` holds kRegionRows rows of the
-// decoded span. Same failure contract as decode (and the same setjmp prologue: it must sit in the
-// frame that calls libjpeg, so it cannot move into a helper).
-bool decode_region(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables_len, const uint8_t* data,
-                   size_t len, bool ycbcr, int32_t tile, int64_t x, int64_t y, int64_t w, int64_t h, uint8_t* dst,
-                   int64_t stride, uint8_t* scratch, bool to_end) {
+// regions equal the full decode before the loader uses them. Rows whose decoded span is exactly the
+// region (the whole tile: read_tile) go straight into dst, others through `scratch` (kRegionRows rows
+// of the span). Returns false with err.message set on failure. No object with a destructor lives in
+// this frame: longjmp may leave it.
+bool decode(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t tables_len, const uint8_t* data,
+            size_t len, bool ycbcr, int32_t tile, int64_t x, int64_t y, int64_t w, int64_t h, uint8_t* dst,
+            int64_t stride, uint8_t* scratch, bool to_end) {
   jpeg_decompress_struct* cinfo = &d.cinfo;
   if (setjmp(d.err.env)) {  // setjmp stands alone in its condition, as the C standard asks
     api.abort_decompress(cinfo);
@@ -174,15 +158,19 @@ bool decode_region(Decoder& d, const LibJpeg& api, const uint8_t* tables, size_t
   if (y_lo > 0) api.skip_scanlines(cinfo, y_lo);
   const JDIMENSION y_end = static_cast<JDIMENSION>(y + h);
   const size_t left = static_cast<size_t>(x - x_lo) * 3, bytes = static_cast<size_t>(w) * 3;
+  const bool exact_span = left == 0 && static_cast<int64_t>(span) == w;
   JSAMPROW rows[kRegionRows];
   while (cinfo->output_scanline < y_end) {
     const JDIMENSION first = cinfo->output_scanline;
     const JDIMENSION n = std::min<JDIMENSION>(kRegionRows, y_end - first);
-    for (JDIMENSION i = 0; i < n; ++i) rows[i] = scratch + static_cast<size_t>(i) * span * 3;
+    for (JDIMENSION i = 0; i < n; ++i) {
+      const int64_t r = static_cast<int64_t>(first + i);
+      rows[i] = exact_span && r >= y ? dst + (r - y) * stride : scratch + static_cast<size_t>(i) * span * 3;
+    }
     const JDIMENSION got = api.read_scanlines(cinfo, rows, n);
     for (JDIMENSION i = 0; i < got; ++i) {
       const int64_t r = static_cast<int64_t>(first + i);
-      if (r >= y) std::memcpy(dst + (r - y) * stride, rows[i] + left, bytes);
+      if (r >= y && !exact_span) std::memcpy(dst + (r - y) * stride, rows[i] + left, bytes);
     }
   }
   // to_end: the rows below are entropy-decoded too (libjpeg-turbo's skip to the very end decodes
@@ -317,12 +305,13 @@ void JpegTileReader::read_tile(const JpegTileLevel& page, int64_t col, int64_t r
   // never stand in for ones this tile lacks (creating one costs microseconds against the decode).
   Decoder dec;
   if (!create(dec, *api_)) fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
-  if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile, dst)) {
+  const int64_t t = page.tile;
+  if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile, 0,
+              0, t, t, dst, t * 3, region_scratch(t), false)) {
     fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
   }
   mark_decoded(page, col, row);
   // OpenSlide clips edge tiles to the page (transparent beyond, white once composited).
-  const int64_t t = page.tile;
   const int64_t valid_w = std::min<int64_t>(t, page.width - col * t), valid_h = std::min<int64_t>(t, page.height - row * t);
   if (valid_w < t) {
     for (int64_t y = 0; y < valid_h; ++y) std::memset(dst + (y * t + valid_w) * 3, 255, static_cast<size_t>((t - valid_w) * 3));
@@ -360,8 +349,6 @@ void JpegTileReader::read_tile_region(const JpegTileLevel& page, int64_t col, in
   const int64_t dw = std::min(x + w, valid_w) - x, dh = std::min(y + h, valid_h) - y;
   if (dw > 0 && dh > 0) {
     const std::vector<uint8_t>& data = read_bytes(page, col, row);
-    thread_local std::vector<uint8_t> scratch;
-    scratch.resize(static_cast<size_t>(kRegionRows) * static_cast<size_t>(t) * 3);
     Decoder dec;  // fresh per tile, as in read_tile
     if (!create(dec, *api_)) fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
     // The first read of a tile entropy-decodes all of it, so corrupt data anywhere in the tile fails
@@ -369,8 +356,8 @@ void JpegTileReader::read_tile_region(const JpegTileLevel& page, int64_t col, in
     // (grid or shuffled order, cache size), and no region returns pixels of a stream that goes bad
     // further on. Later regions of a tile that decoded cleanly stop after their last row.
     const bool known_good = decoded(page, col, row);
-    if (!decode_region(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr,
-                       page.tile, x, y, dw, dh, dst, stride, scratch.data(), !known_good)) {
+    if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile,
+                x, y, dw, dh, dst, stride, region_scratch(t), !known_good)) {
       fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
     }
     if (!known_good) mark_decoded(page, col, row);

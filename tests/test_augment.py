@@ -141,6 +141,22 @@ def test_orientation_matches_numpy(rot90, flip):
     assert np.abs(wsitile.augment_batch(images, **q) - reference(images, q)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("side", [1, 2, 3, 5, 31])
+def test_all_orientations_with_colour_small_sides(side):
+    """The kernel orients u8 pixels with 4-byte moves except for the image's last pixel in memory, which
+    lands in a different output row for each orientation: every orientation, uint8 and float32 out."""
+    rng = np.random.default_rng(100 + side)
+    n = 16
+    images = random_images(rng, (n, side, side, 3))
+    p = random_params(rng, n, SEED_RANGES)
+    p["rot90"] = np.arange(n) % 4
+    p["flip"] = (np.arange(n) // 4) % 2 == 1
+    ref = reference(images, p)
+    assert np.abs(wsitile.augment_batch(images, **p) - ref).max() <= 1e-4
+    u8 = wsitile.augment_batch(images, **p, out_dtype="uint8")
+    assert np.abs(u8.astype(int) - np.round(ref * 255).astype(int)).max() <= 1
+
+
 def test_non_square_even_rotations():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (4, 10, 16, 3), dtype=np.uint8)

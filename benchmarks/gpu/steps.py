@@ -91,6 +91,25 @@ def study(run, side: int, batch: int, smoke: bool, rate: float) -> dict:
     return out
 
 
+def trace_steps(run, side: int, batch: int) -> dict:
+    """A profiler trace of 3 steps (benchmarks/gpu/profile.py): device busy time, kernels, time by kind
+    of work. The trace itself goes to $OUT when it is small enough to come back."""
+    import shutil
+
+    from .profile import format_summary, profile
+
+    try:
+        s = profile(run, 3, Path(tempfile.mkdtemp(prefix=f"wsitile-trace-{side}-")))
+    except Exception as exc:  # noqa: BLE001 - the figures above stand without it
+        return {"note": f"profile failed: {type(exc).__name__}: {exc}"}
+    out = os.environ.get("OUT")
+    trace = Path(s["trace"])
+    if out and trace.stat().st_size < 24 << 20:
+        shutil.copy(trace, Path(out, f"trace_{side}px_b{batch}.json.gz"))
+    print(format_summary(s, f"wsitile JAX {side}px b{batch}"), flush=True)
+    return s
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one group at each side; append a JSON line per side to args.result as soon as it is done."""
     batch = SMOKE_BATCH if args.smoke else GPU_BATCH
@@ -114,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
                 result.update(rate=rate, rates=rates)
                 if args.child == "wsitile-study":
                     result["study"] = study(run, side, result["batch"], args.smoke, rate)
+                    result["profile"] = trace_steps(run, side, result["batch"])
                 print(f"[{args.child} {side}px] {rate:,.0f} pairs/s, rounds "
                       + ", ".join(f"{r:,.0f}" for r in rates) + f"; warm-up {result['warmup_s']:.0f} s", flush=True)
                 del run
@@ -183,6 +203,15 @@ def parent(args: argparse.Namespace) -> None:
                 _study_note(results.get(("wsitile-study", side)), st_note)),
         ]
     save(rows, "steps.json")
+    from .profile import format_summary
+
+    for side in args.sides:  # the profiles before the table, which stays the last thing printed
+        prof = results.get(("wsitile-study", side), {}).get("profile")
+        if prof and "wall_ms_per_step" in prof:
+            print("\n" + format_summary(prof, f"wsitile JAX {side}px b{2 * (SMOKE_BATCH if args.smoke else GPU_BATCH)[side]}"
+                                        + (" (SMOKE)" if args.smoke else "")), flush=True)
+        elif prof:
+            print(f"\n[profile {side}px] {prof.get('note')}", flush=True)
     smoke = " (SMOKE: small wsitile model, CPU; not comparable)" if args.smoke else ""
     print("\n" + table(f"Train step, pairs/s, input on the device{smoke}", "pairs/s", rows), flush=True)
 

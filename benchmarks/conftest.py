@@ -17,6 +17,7 @@ RATIOS = [
     ("wsitile shuffled 1 thread (cold cache)", "python shuffled"),
     ("wsitile shuffled 1 thread (warm cache)", "python shuffled"),
     ("wsitile shuffled 1 thread (no block cache)", "python shuffled"),
+    ("wsitile shuffled 1 thread (no block cache)", "wsitile shuffled 1 thread (no block cache, OpenSlide decoder)"),
     ("wsitile grid 2 threads (cold cache)", "wsitile grid 1 thread (cold cache)"),
     ("wsitile grid 2 threads (cold, interleaved)", "wsitile grid 1 thread (cold, interleaved)"),
     ("wsitile shuffled 2 threads (cold, interleaved)", "wsitile shuffled 1 thread (cold, interleaved)"),

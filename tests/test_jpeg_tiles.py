@@ -335,6 +335,27 @@ def test_tile_region_policy(tumour_slide, libjpeg):
                                   np.concatenate([b["images"] for b in whole]))
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_no_block_cache_cuts_windows_from_tile_parts(crafted, libjpeg, shuffle):
+    """cache_mb=0 (no block cache): every JPEG tower cuts each window from its part of the tiles, in
+    grid order too, instead of one OpenSlide read_region per window; tile_regions=False and
+    decoder="openslide" keep OpenSlide; every window is OpenSlide's."""
+    kwargs = thrash_kwargs(shuffle=shuffle, cache_mb=0, seed=4)
+    parts = wsitile.Loader([(crafted, None)], **kwargs)
+    assert parts.decoders == [("libjpeg", "libjpeg")] and parts.tile_regions_used == [(True, True)]
+    assert not parts._core.uses_block_cache(0)
+    off = wsitile.Loader([(crafted, None)], tile_regions=False, **kwargs)
+    assert off.decoders == [("openslide", "openslide")] and off.tile_regions_used == [(False, False)]
+    reference = wsitile.Loader([(crafted, None)], decoder="openslide", **kwargs)
+    assert reference.decoders == [("openslide", "openslide")]
+    for _ in range(2):
+        a, b, c = list(parts), list(off), list(reference)
+        want = np.concatenate([x["images"] for x in c])
+        np.testing.assert_array_equal(np.concatenate([x["images"] for x in a]), want)
+        np.testing.assert_array_equal(np.concatenate([x["images"] for x in b]), want)
+    assert parts._core.cache_bytes_used == 0
+
+
 def test_corrupt_tile_in_a_region_names_file_and_is_skipped(crafted, libjpeg, tmp_path):
     """A corrupt tile read as a region fails its sample the way a whole-tile read does: RuntimeError
     naming the slide, or with on_error="skip" left out, the other windows still OpenSlide's."""

@@ -101,7 +101,8 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
       g.exact = g.exact && d == std::floor(d);
     }
     for (int32_t lvl : cfg_.levels) {
-      const int32_t tile = g.exact && blocks_ ? s.jpeg_tile_size(lvl) : 0;
+      // JPEG tiles serve the block cache and, without one (cache_mb=0), windows cut from tile parts.
+      const int32_t tile = g.exact && (blocks_ || cfg_.tile_regions) ? s.jpeg_tile_size(lvl) : 0;
       g.jpeg.push_back(tile > 0);
       g.block.push_back(tile > 0 ? tile : BlockCache::kSize);
     }
@@ -348,7 +349,7 @@ bool Loader::cut_window(int32_t s, size_t t, int64_t x, int64_t y, uint8_t* dst,
   const int64_t w = cfg_.window;
   const SlideGeometry& g = geometry_[s];
   const TowerPlacement p = place_tower(x, y, w, g.downsample[0], g.downsample[t], t == 0);
-  if (g.blocks) return assemble(s, t, p.lx, p.ly, dst, may_defer, memo);
+  if (g.blocks || g.region[t]) return assemble(s, t, p.lx, p.ly, dst, may_defer, memo);
   slide(s)->read_rgb(p.x0, p.y0, cfg_.levels[t], w, w, dst, w * 3);
   return true;
 }
@@ -469,7 +470,17 @@ void Loader::choose_block_policy() {
   // the lookups would hit, about capacity / working set for uniformly shuffled windows. What is still
   // cached then uses blocks read through OpenSlide only when they all fit (else one read per window).
   for (auto& g : geometry_) g.region.assign(cfg_.levels.size(), false);
-  if (!blocks_) return;
+  if (!blocks_) {
+    // No block cache (cache_mb=0): JPEG towers with checked tile parts cut every window from them, in
+    // any order (~3x OpenSlide's read_region per window); the others read each window through OpenSlide.
+    for (size_t s = 0; s < geometry_.size(); ++s) {
+      SlideGeometry& g = geometry_[s];
+      for (size_t t = 0; t < cfg_.levels.size(); ++t) {
+        g.region[t] = cfg_.tile_regions && g.exact && g.jpeg[t] && slide(static_cast<int32_t>(s))->jpeg_regions(cfg_.levels[t]);
+      }
+    }
+    return;
+  }
   const bool random_access = cfg_.shuffle || cfg_.balanced;
   const size_t n_slides = slides_.size(), towers = cfg_.levels.size();
   std::vector<size_t> working_set(n_slides * towers, 0);  // per (slide, tower), bytes

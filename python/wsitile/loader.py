@@ -72,7 +72,9 @@ class Loader:
     mostly miss the cache (less than about half the blocks it can touch fit in what the smaller
     levels leave) skips the cache instead: each window is decoded from just its part of each tile
     (libjpeg-turbo's partial decoding, checked per level to give the whole tile's pixels), about half
-    a tile decode's work; ``tile_regions=False`` keeps whole tiles cached regardless. Other slides, and
+    a tile decode's work; ``tile_regions=False`` keeps whole tiles cached regardless. With
+    ``cache_mb=0`` (no block cache) every JPEG tower cuts its windows from tile parts, in any order
+    (about 2x one OpenSlide read per window). Other slides, and
     ``decoder="openslide"``, use 256x256 blocks read
     through OpenSlide, in shuffled order only when all blocks the epoch can touch fit (else one
     OpenSlide read per window). `decoders` says which path each tower takes. `tile_cache_mb` bounds OpenSlide's
@@ -251,7 +253,7 @@ class Loader:
     @property
     def tile_regions_used(self) -> list[tuple[bool, ...]]:
         """Per slide, per tower: True where each window is decoded from just its part of the JPEG tiles
-        it overlaps, bypassing the block cache (shuffled levels that would thrash it)."""
+        it overlaps, bypassing the block cache (shuffled levels that would thrash it, or cache_mb=0)."""
         return [
             tuple(bool(self._core.decodes_tile_regions(s, t)) for t in range(len(self.levels)))
             for s in range(len(self.slides))

@@ -107,15 +107,12 @@ class Loader {
   // True when tower `tower` of `slide` decodes its blocks straight from JPEG tiles (not OpenSlide).
   bool decodes_jpeg_tiles(int32_t slide, size_t tower) const {
     const SlideGeometry& g = geometry_.at(slide);
-    return g.blocks && g.jpeg.at(tower);
+    return (g.blocks || g.region.at(tower)) && g.jpeg.at(tower);
   }
   // True when tower `tower` of `slide` cuts each window straight from the JPEG tiles it overlaps,
   // decoding only the window's part of each and caching nothing (shuffled epochs whose blocks would
-  // mostly miss the block cache; see choose_block_policy).
-  bool decodes_tile_regions(int32_t slide, size_t tower) const {
-    const SlideGeometry& g = geometry_.at(slide);
-    return g.blocks && g.region.at(tower);
-  }
+  // mostly miss the block cache, or no block cache at all; see choose_block_policy).
+  bool decodes_tile_regions(int32_t slide, size_t tower) const { return geometry_.at(slide).region.at(tower); }
   int64_t batches_per_epoch() const;
   const LoaderConfig& config() const { return cfg_; }
   LoaderState state() const;

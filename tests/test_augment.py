@@ -157,6 +157,42 @@ def test_all_orientations_with_colour_small_sides(side):
     assert np.abs(u8.astype(int) - np.round(ref * 255).astype(int)).max() <= 1
 
 
+def test_scalar_orientation_copy_equals_the_shuffles():
+    """On AVX2 machines flips and transposes are oriented with byte shuffles; elsewhere (and with
+    WSITILE_SCALAR_ORIENT set) with 4-byte moves. Both give the same bytes, every orientation, at
+    sizes with and without 4 x 4 block remainders."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, sys, wsitile\n"
+        "rng = np.random.default_rng(9)\n"
+        "out = []\n"
+        "for side in (1, 5, 8, 13, 80):\n"
+        "    n = 16\n"
+        "    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)\n"
+        "    p = dict(rot90=np.arange(n) % 4, flip=(np.arange(n) // 4) % 2 == 1, brightness=np.full(n, 0.1, np.float32),\n"
+        "             saturation=np.full(n, 1.2, np.float32), hue=np.full(n, 0.03, np.float32), contrast=np.full(n, 0.8, np.float32))\n"
+        "    out.append(wsitile.augment_batch(images, **p, out_dtype='uint8', threads=1))\n"
+        "np.savez(sys.argv[1], *out)\n"
+    )
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for scalar in (False, True):
+            env = {k: v for k, v in os.environ.items() if k != "WSITILE_SCALAR_ORIENT"}
+            if scalar:
+                env["WSITILE_SCALAR_ORIENT"] = "1"
+            path = os.path.join(tmp, f"{scalar}.npz")
+            subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=120)
+            with np.load(path) as f:
+                results.append([f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_non_square_even_rotations():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (4, 10, 16, 3), dtype=np.uint8)

@@ -472,7 +472,7 @@ void Loader::choose_block_policy() {
   for (auto& g : geometry_) g.region.assign(cfg_.levels.size(), false);
   if (!blocks_) {
     // No block cache (cache_mb=0): JPEG towers with checked tile parts cut every window from them, in
-    // any order (~3x OpenSlide's read_region per window); the others read each window through OpenSlide.
+    // any order (~2x OpenSlide's read_region per window); the others read each window through OpenSlide.
     for (size_t s = 0; s < geometry_.size(); ++s) {
       SlideGeometry& g = geometry_[s];
       for (size_t t = 0; t < cfg_.levels.size(); ++t) {

@@ -4,9 +4,13 @@ around the steps), and on a real CPU trace, where it must say that there are no 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from benchmarks.gpu.profile import ANNOTATION, category, format_summary, summarise
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the GPU suite is not installed: the checkout's
+from benchmarks.gpu.profile import ANNOTATION, category, format_summary, summarise  # noqa: E402
 
 
 def _meta(pid, tid, kind, name):

@@ -187,7 +187,7 @@ def test_scalar_orientation_copy_equals_the_shuffles():
                 env["WSITILE_SCALAR_ORIENT"] = "1"
             path = os.path.join(tmp, f"{scalar}.npz")
             subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=120)
-            with np.load(path) as f:
+            with np.load(path, allow_pickle=False) as f:
                 results.append([f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)

@@ -157,40 +157,59 @@ def test_all_orientations_with_colour_small_sides(side):
     assert np.abs(u8.astype(int) - np.round(ref * 255).astype(int)).max() <= 1
 
 
-def test_scalar_orientation_copy_equals_the_shuffles():
-    """On AVX2 machines flips and transposes are oriented with byte shuffles; elsewhere (and with
-    WSITILE_SCALAR_ORIENT set) with 4-byte moves. Both give the same bytes, every orientation, at
-    sizes with and without 4 x 4 block remainders."""
+def test_kernel_builds_and_orientation_paths_agree():
+    """The kernel is built for SSE2 ("base"), AVX2 + FMA and AVX-512 and the best this CPU runs is
+    picked (WSITILE_AUGMENT_ISA caps it); flips and transposes are oriented with byte shuffles in the
+    AVX2/AVX-512 builds and with 4-byte moves otherwise (WSITILE_SCALAR_ORIENT forces those). Every
+    build and path this machine can run, every orientation, sizes with and without 4 x 4 block
+    remainders: the orientation paths give identical bytes, the builds (FMA rounding) within 1e-5 in
+    float32 and one step in uint8, and each process says which build it ran."""
+    import os
     import subprocess
     import sys
+    import tempfile
+
+    import wsitile._core as core
 
     code = (
-        "import numpy as np, sys, wsitile\n"
+        "import numpy as np, sys, wsitile, wsitile._core as core\n"
         "rng = np.random.default_rng(9)\n"
         "out = []\n"
         "for side in (1, 5, 8, 13, 80):\n"
         "    n = 16\n"
         "    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)\n"
-        "    p = dict(rot90=np.arange(n) % 4, flip=(np.arange(n) // 4) % 2 == 1, brightness=np.full(n, 0.1, np.float32),\n"
-        "             saturation=np.full(n, 1.2, np.float32), hue=np.full(n, 0.03, np.float32), contrast=np.full(n, 0.8, np.float32))\n"
+        "    p = dict(rot90=np.arange(n) % 4, flip=(np.arange(n) // 4) % 2 == 1, brightness=rng.uniform(-0.2, 0.2, n),\n"
+        "             saturation=rng.uniform(0.7, 1.3, n), hue=rng.uniform(-0.05, 0.05, n), contrast=rng.uniform(0.3, 1.7, n))\n"
+        "    p = {k: np.asarray(v, np.float32) if v.dtype.kind == 'f' else v for k, v in p.items()}\n"
         "    out.append(wsitile.augment_batch(images, **p, out_dtype='uint8', threads=1))\n"
+        "    out.append(wsitile.augment_batch(images, **p, out_dtype='float32', threads=1))\n"
         "np.savez(sys.argv[1], *out)\n"
+        "print(core.augment_kernel_isa())\n"
     )
-    import os
-    import tempfile
-
+    best = core.augment_kernel_isa()
+    isas = {"avx512": ["avx512", "avx2", "base"], "avx2": ["avx2", "base"], "base": ["base"]}[best]
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for scalar in (False, True):
-            env = {k: v for k, v in os.environ.items() if k != "WSITILE_SCALAR_ORIENT"}
-            if scalar:
-                env["WSITILE_SCALAR_ORIENT"] = "1"
-            path = os.path.join(tmp, f"{scalar}.npz")
-            subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=120)
-            with np.load(path, allow_pickle=False) as f:
-                results.append([f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))])
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+        for isa in isas:
+            for scalar in (False, True):
+                env = {k: v for k, v in os.environ.items() if k not in ("WSITILE_SCALAR_ORIENT", "WSITILE_AUGMENT_ISA")}
+                env["WSITILE_AUGMENT_ISA"] = isa
+                if scalar:
+                    env["WSITILE_SCALAR_ORIENT"] = "1"
+                path = os.path.join(tmp, f"{isa}{scalar}.npz")
+                done = subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=120,
+                                      capture_output=True, text=True)
+                assert done.stdout.split()[-1] == isa
+                with np.load(path, allow_pickle=False) as f:
+                    runs[isa, scalar] = [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+    for (isa, scalar), arrays in runs.items():
+        for a, b in zip(arrays, runs[isa, False]):  # orientation paths: the same bytes
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(arrays, runs["base", False]):  # builds: rounding only
+            if a.dtype == np.uint8:
+                assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, isa
+            else:
+                assert np.abs(a - b).max() <= 1e-5, isa
 
 
 def test_non_square_even_rotations():

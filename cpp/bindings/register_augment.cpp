@@ -83,6 +83,9 @@ void register_augment(py::module_& m) {
       py::arg("images"), py::arg("rot90"), py::arg("flip"), py::arg("brightness"), py::arg("saturation"),
       py::arg("hue"), py::arg("contrast"), py::arg("out_dtype"), py::arg("threads"));
 
+  m.def("augment_kernel_isa", &wsitile::augment_kernel_isa,
+        "Which build of the augmentation kernel runs here: 'avx512', 'avx2' (AVX2 + FMA) or 'base'.");
+
   m.def(
       "augment_draw_params",
       [](const py::tuple& config, uint64_t seed, uint64_t epoch, const py::array& sample_indices) {

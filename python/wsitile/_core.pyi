@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile', 'read_jpeg_tile_region']
+__all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'augment_kernel_isa', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile', 'read_jpeg_tile_region']
 class SlideChangedError(RuntimeError):
     pass
 class Slide:
@@ -91,6 +91,10 @@ def augment_draw_params(config: tuple, seed: typing.SupportsInt | typing.Support
     """
     The loader's augmentation parameters for these sample indices; `config` is
     dataclasses.astuple(wsitile.AugmentConfig).
+    """
+def augment_kernel_isa() -> str:
+    """
+    Which build of the augmentation kernel runs here: 'avx512', 'avx2' (AVX2 + FMA) or 'base'.
     """
 def libjpeg_loaded() -> bool:
     ...

@@ -54,6 +54,10 @@ bool colour_is_identity(const AugmentParams& p);
 void augment_image(const uint8_t* src, int64_t height, int64_t width, const AugmentParams& p, OutDtype out,
                    void* dst);
 
+// Which build of the kernel this process runs: "avx512", "avx2" (AVX2 + FMA) or "base" (picked once at
+// load time from the CPU; the environment variable WSITILE_AUGMENT_ISA=base|avx2|avx512 caps it).
+const char* augment_kernel_isa();
+
 // The square window the loader cuts (side x side x 3).
 inline void augment_image(const uint8_t* src, int64_t side, const AugmentParams& p, OutDtype out, void* dst) {
   augment_image(src, side, side, p, out, dst);

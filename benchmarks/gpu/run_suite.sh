@@ -62,7 +62,8 @@ def v(p):
 
 print("versions:", ", ".join(f"{p} {v(p)}" for p in (
     "wsitile", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "keras", "torch", "torchvision",
-    "openslide-python", "openslide-bin", "imagecodecs", "tifffile", "numpy")), "; openslide", openslide.__library_version__)
+    "openslide-python", "openslide-bin", "imagecodecs", "tifffile", "numpy")), "; openslide", openslide.__library_version__,
+    "; augmentation kernel", wsitile._core.augment_kernel_isa())
 EOF
 
 # 3. The part, with what is left of the budget.

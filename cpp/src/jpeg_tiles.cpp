@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 // The libjpeg 6.2 API declarations only (vendored, cpp/third_party/libjpeg-turbo): every function is
 // called through a pointer resolved with dlsym, so nothing here links libjpeg.
@@ -299,20 +300,35 @@ const std::vector<uint8_t>& JpegTileReader::read_bytes(const JpegTileLevel& page
   return data;
 }
 
-void JpegTileReader::read_tile(const JpegTileLevel& page, int64_t col, int64_t row, uint8_t* dst) const {
+void JpegTileReader::decode_part(const JpegTileLevel& page, int64_t col, int64_t row, int64_t x, int64_t y, int64_t w,
+                                 int64_t h, uint8_t* dst, int64_t stride, bool to_end) const {
   const std::vector<uint8_t>& data = read_bytes(page, col, row);
   // A fresh decompressor per tile, as OpenSlide does: tables left over from another page's tile can
   // never stand in for ones this tile lacks (creating one costs microseconds against the decode).
   Decoder dec;
   if (!create(dec, *api_)) fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
-  const int64_t t = page.tile;
-  if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile, 0,
-              0, t, t, dst, t * 3, region_scratch(t), false)) {
+  if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile, x, y,
+              w, h, dst, stride, region_scratch(page.tile), to_end)) {
     fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
   }
+  // The tile's entropy-coded data decoded cleanly: to the end here (read_tile, a region's first read),
+  // or a later region of a tile already marked so.
   mark_decoded(page, col, row);
-  // OpenSlide clips edge tiles to the page (transparent beyond, white once composited).
-  const int64_t valid_w = std::min<int64_t>(t, page.width - col * t), valid_h = std::min<int64_t>(t, page.height - row * t);
+}
+
+namespace {
+// The part of tile (col, row) inside the page: OpenSlide clips edge tiles (transparent beyond, white
+// once composited).
+std::pair<int64_t, int64_t> valid_extent(const JpegTileLevel& page, int64_t col, int64_t row) {
+  const int64_t t = page.tile;
+  return {std::min<int64_t>(t, page.width - col * t), std::min<int64_t>(t, page.height - row * t)};
+}
+}  // namespace
+
+void JpegTileReader::read_tile(const JpegTileLevel& page, int64_t col, int64_t row, uint8_t* dst) const {
+  const int64_t t = page.tile;
+  decode_part(page, col, row, 0, 0, t, t, dst, t * 3, false);
+  const auto [valid_w, valid_h] = valid_extent(page, col, row);
   if (valid_w < t) {
     for (int64_t y = 0; y < valid_h; ++y) std::memset(dst + (y * t + valid_w) * 3, 255, static_cast<size_t>((t - valid_w) * 3));
   }
@@ -345,22 +361,14 @@ void JpegTileReader::read_tile_region(const JpegTileLevel& page, int64_t col, in
   }
   if (!can_read_regions()) fail(page, col, row, "libjpeg " + api_->path + " has no jpeg_crop_scanline");
   // What lies beyond the page's edge is white (as read_tile); only the rest is decoded.
-  const int64_t valid_w = std::min<int64_t>(t, page.width - col * t), valid_h = std::min<int64_t>(t, page.height - row * t);
+  const auto [valid_w, valid_h] = valid_extent(page, col, row);
   const int64_t dw = std::min(x + w, valid_w) - x, dh = std::min(y + h, valid_h) - y;
   if (dw > 0 && dh > 0) {
-    const std::vector<uint8_t>& data = read_bytes(page, col, row);
-    Decoder dec;  // fresh per tile, as in read_tile
-    if (!create(dec, *api_)) fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
     // The first read of a tile entropy-decodes all of it, so corrupt data anywhere in the tile fails
     // every region of it, as it fails read_tile: which samples fail never depends on the decode path
     // (grid or shuffled order, cache size), and no region returns pixels of a stream that goes bad
     // further on. Later regions of a tile that decoded cleanly stop after their last row.
-    const bool known_good = decoded(page, col, row);
-    if (!decode(dec, *api_, page.tables.data(), page.tables.size(), data.data(), data.size(), page.ycbcr, page.tile,
-                x, y, dw, dh, dst, stride, region_scratch(t), !known_good)) {
-      fail(page, col, row, std::string("libjpeg: ") + dec.err.message);
-    }
-    if (!known_good) mark_decoded(page, col, row);
+    decode_part(page, col, row, x, y, dw, dh, dst, stride, !decoded(page, col, row));
   }
   for (int64_t r = 0; r < h; ++r) {
     const int64_t from = r < dh && dw > 0 ? dw : 0;  // first white column of this row

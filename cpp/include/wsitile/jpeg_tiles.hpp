@@ -77,6 +77,10 @@ class JpegTileReader {
 
  private:
   [[noreturn]] void fail(const JpegTileLevel& page, int64_t col, int64_t row, const std::string& why) const;
+  // Decodes [x, x + w) x [y, y + h) of the tile into dst (see decode in jpeg_tiles.cpp; to_end:
+  // entropy-decode the rows below too) and marks the tile decoded; throws SlideReadError on failure.
+  void decode_part(const JpegTileLevel& page, int64_t col, int64_t row, int64_t x, int64_t y, int64_t w, int64_t h,
+                   uint8_t* dst, int64_t stride, bool to_end) const;
   // The tile's compressed bytes (a thread-local buffer, valid until this thread's next call).
   const std::vector<uint8_t>& read_bytes(const JpegTileLevel& page, int64_t col, int64_t row) const;
   // Tiles whose whole entropy-coded data decoded without error (by read_tile, or a region's first read).

@@ -460,6 +460,11 @@ bool Loader::assemble(int32_t s, size_t t, int64_t lx, int64_t ly, uint8_t* dst,
   return true;
 }
 
+bool Loader::can_cut_tile_parts(size_t s, size_t t) const {
+  const SlideGeometry& g = geometry_[s];
+  return cfg_.tile_regions && g.exact && g.jpeg[t] && slide(static_cast<int32_t>(s))->jpeg_regions(cfg_.levels[t]);
+}
+
 void Loader::choose_block_policy() {
   // Blocks need integral downsamples. In grid order they always pay (neighbouring windows share
   // blocks while they are hot). In random order, per tower level, from the smallest working set up
@@ -476,7 +481,7 @@ void Loader::choose_block_policy() {
     for (size_t s = 0; s < geometry_.size(); ++s) {
       SlideGeometry& g = geometry_[s];
       for (size_t t = 0; t < cfg_.levels.size(); ++t) {
-        g.region[t] = cfg_.tile_regions && g.exact && g.jpeg[t] && slide(static_cast<int32_t>(s))->jpeg_regions(cfg_.levels[t]);
+        g.region[t] = can_cut_tile_parts(s, t);
       }
     }
     return;
@@ -508,11 +513,8 @@ void Loader::choose_block_policy() {
     std::vector<size_t> flexible(towers, 0), fixed(towers, 0);
     std::vector<bool> can_region(n_slides * towers, false);
     for (size_t j = 0; j < working_set.size(); ++j) {
-      const SlideGeometry& g = geometry_[j / towers];
-      const size_t t = j % towers;
-      can_region[j] = cfg_.tile_regions && g.exact && g.jpeg[t] &&
-                      slide(static_cast<int32_t>(j / towers))->jpeg_regions(cfg_.levels[t]);
-      (can_region[j] ? flexible : fixed)[t] += working_set[j];
+      can_region[j] = can_cut_tile_parts(j / towers, j % towers);
+      (can_region[j] ? flexible : fixed)[j % towers] += working_set[j];
     }
     size_t left = blocks_->capacity();
     for (size_t t = 0; t < towers; ++t) left -= std::min(left, fixed[t]);

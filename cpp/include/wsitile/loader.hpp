@@ -170,6 +170,9 @@ class Loader {
   void replace_dead(int32_t s, const std::shared_ptr<Slide>& dead, std::shared_ptr<Slide> fresh) const;
   void check_slides_unchanged_locked();
   void choose_block_policy();
+  // Tower t of slide s may cut windows from JPEG tile parts: tile_regions on, integral downsamples,
+  // JPEG tiles, and partial decodes checked on that level.
+  bool can_cut_tile_parts(size_t s, size_t t) const;
   void worker_loop();
   int64_t epoch_end() const;
 

@@ -103,8 +103,8 @@ def fill_holes(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     """ndimage.binary_fill_holes(mask, structure), exactly, in one labelling pass: the holes are the
     background components that do not touch the border. (binary_fill_holes dilates the border's
     background until nothing changes: 0.39 s against 0.13 s on a 6,144 x 3,072 tissue level.)"""
-    labels, _ = ndimage.label(~mask, structure=structure)
-    outside = np.zeros(labels.max() + 1, dtype=bool)
+    labels, count = ndimage.label(~mask, structure=structure)
+    outside = np.zeros(count + 1, dtype=bool)
     outside[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
     outside[0] = False  # label 0: the mask itself
     return ~outside[labels]

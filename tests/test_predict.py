@@ -65,6 +65,29 @@ def test_heatmap_contract_and_tta(run, tmp_path, capsys):
     assert not np.allclose(tta, probs)
 
 
+def test_compiled_from_shapes_while_the_checkpoint_is_read(run, caplog):
+    """`predict`'s start: the step compiled from `inference_target`'s shapes is the one the restored
+    arrays run (no second compile), and restoring with that target reads the same arrays."""
+    import logging
+
+    run_dir, step, cfg = train.checkpoint_config(run / "run")
+    steps = train.steps_for(cfg)
+    target = train.inference_target(cfg, steps)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
+    images = np.random.default_rng(0).integers(0, 256, (5, len(cfg.levels), cfg.window, cfg.window, 3), np.uint8)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        steps.compile_predict(target, 7)  # a batch shape no other test compiles
+        compiled = [r for r in caplog.records if "Compiling" in r.getMessage()]
+        _, variables = train.restore_for_inference(run_dir, step, cfg, target)
+        probs = steps.predict(variables, images, pad_to=7)
+        again = [r for r in caplog.records if "Compiling" in r.getMessage()]
+    assert len(compiled) == 1 and len(again) == 1, [r.getMessage()[:80] for r in again]
+    _, fresh = train.restore_for_inference(run_dir, step, cfg)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(probs, steps.predict(fresh, images, pad_to=7), atol=1e-6)
+
+
 def test_bad_input(run, tmp_path, capsys):
     ckpt = str(run / "run")
     for args, needle in (

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from .loader import Loader
-from .training.checkpoints import checkpoint_config, restore_for_inference
+from .training.checkpoints import checkpoint_config, inference_target, restore_for_inference
+from .training.steps import steps_for
 
 
 def dihedral(images: jax.Array) -> jax.Array:
@@ -68,13 +69,19 @@ def predict_slide(
             shuffle=False,
         )
 
-    # The slide's tissue mask and grid (seconds on a Camelyon-size slide) are made in a thread while
-    # this one restores the checkpoint and compiles the model (XLA and NumPy release the GIL).
-    pool = ThreadPoolExecutor(1, thread_name_prefix="wsitile-grid")
+    # The slide's tissue mask and grid (seconds on a Camelyon-size slide; NumPy and scipy release the
+    # GIL) and the checkpoint's arrays are read in threads while this one compiles the model from its
+    # shapes (or loads it from the compilation cache): no warm-up batch, and a read that waits on
+    # storage (a cluster's network disk) overlaps the compile. From a warm local disk the read and
+    # the trace are both GIL-bound Python and overlapping them gains nothing measurable (2026-12-01).
+    pool = ThreadPoolExecutor(2, thread_name_prefix="wsitile-predict")
     pending_loader = pool.submit(open_loader)
-    pool.shutdown(wait=False)
+    pending_variables: Future | None = None
     try:
-        steps, variables = restore_for_inference(run_dir, ckpt_step, cfg)
+        steps = steps_for(cfg)
+        target = inference_target(cfg, steps)
+        pending_variables = pool.submit(restore_for_inference, run_dir, ckpt_step, cfg, target)
+        pool.shutdown(wait=False)
         step = None  # the model's own predict_step
         if tta:
             step = jax.jit(
@@ -82,13 +89,15 @@ def predict_slide(
                 in_shardings=(steps.replicated, steps.batch_sharding),
                 out_shardings=steps.batch_sharding,
             )
-        if pending_loader.done():
-            pending_loader.result()  # a slide that cannot be read fails before the compile
+        for pending in (pending_loader, pending_variables):
+            if pending.done():
+                pending.result()  # a slide or checkpoint that cannot be read fails before the compile
         # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
-        shape = (batch_size, len(cfg.levels), cfg.window, cfg.window, 3)
-        steps.predict_async(variables, np.zeros(shape, np.uint8), step=step).block_until_ready()
+        steps.compile_predict(target, batch_size, step=step)
+        _, variables = pending_variables.result()
         loader = pending_loader.result()  # never empty: the Loader refuses a slide without tissue windows
     except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
         pending_loader.add_done_callback(_close_loader)
         raise
     grid = loader.grids[0]

@@ -27,11 +27,14 @@ from .manifest import manifest_slides, mask_for  # noqa: F401 - mask_for is part
 from .masks import atomic_write
 # The training API, re-exported: code and tests import it from `wsitile.train`.
 from .training.checkpoints import (  # noqa: F401
+    checkpoint_config,
     checkpoint_manager,
     find_checkpoint,
+    inference_target,
     load_for_inference,
     read_checkpoint_meta,
     restore_checkpoint,
+    restore_for_inference,
     save_checkpoint,
 )
 from .training.config import SEED_BOUNDARY, TrainConfig, build_model  # noqa: F401

@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from .config import TrainConfig
-from .params import nested, variable_shapes
+from .params import flat, nested, trainable_paths, variable_shapes
 from .steps import Steps, TrainState, create_state, steps_for
 
 
@@ -114,13 +114,27 @@ def checkpoint_config(checkpoint: str | os.PathLike[str]) -> tuple[Path, int, Tr
     return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
 
 
-def restore_for_inference(run_dir: Path, step: int, cfg: TrainConfig) -> tuple[Steps, dict[str, Any]]:
+def inference_target(cfg: TrainConfig, steps: Steps) -> dict[str, Any]:
+    """The model's variables ({"params", "batch_stats"}) as jax.ShapeDtypeStruct placed like
+    `restore_for_inference`'s: what `Steps.compile_predict` needs to compile before the arrays are read."""
+    abstract = _abstract_state(cfg, steps)
+    return {"params": nested({**abstract.frozen, **abstract.trainable}), "batch_stats": abstract.batch_stats}
+
+
+def restore_for_inference(
+    run_dir: Path, step: int, cfg: TrainConfig, target: dict[str, Any] | None = None
+) -> tuple[Steps, dict[str, Any]]:
     """(steps, variables on the devices) of one checkpoint, ready for `Steps.predict`. Only the model's
     arrays are read, not the optimiser's two per trainable parameter (a third of the arrays: about
-    3 s less per `wsitile predict` at full width on a CPU)."""
+    3 s less per `wsitile predict` at full width on a CPU). `target`: `inference_target(cfg, steps)`,
+    when the caller already has it (tracing the model for it takes about a second)."""
     steps = steps_for(cfg)
-    abstract = _abstract_state(cfg, steps)
-    wanted = {"trainable": abstract.trainable, "frozen": abstract.frozen, "batch_stats": abstract.batch_stats}
+    target = inference_target(cfg, steps) if target is None else target
+    params = flat(target["params"])
+    trainable = trainable_paths(target["params"], cfg.boundary)
+    wanted = {"trainable": {k: v for k, v in params.items() if k in trainable},
+              "frozen": {k: v for k, v in params.items() if k not in trainable},
+              "batch_stats": target["batch_stats"]}
     state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True)))["state"]
     variables = {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}

@@ -143,6 +143,15 @@ class Steps:
         last batch does not compile the model again."""
         return np.asarray(self.predict_async(variables, images, step, pad_to))[: len(images)]
 
+    def compile_predict(self, variables: dict[str, Any], batch_size: int, step: Callable | None = None) -> None:
+        """Compile `predict_step` (or `step`) for batches padded to `batch_size`, or load it from JAX's
+        persistent compilation cache. `variables` may be abstract (`inference_target`), so this can run
+        while the checkpoint is still being read; later calls with the real arrays reuse the result."""
+        size = batch_size + (-batch_size) % self.num_devices
+        images = jax.ShapeDtypeStruct((size, len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
+                                      sharding=self.batch_sharding)
+        cast(Any, step or self.predict_step).lower(variables, images).compile()  # a jax.jit object
+
     def predict_async(
         self, variables: dict[str, Any], images: np.ndarray, step: Callable | None = None, pad_to: int = 0
     ) -> jax.Array:

@@ -66,14 +66,18 @@ def test_heatmap_contract_and_tta(run, tmp_path, capsys):
 
 
 def test_compiled_from_shapes_while_the_checkpoint_is_read(run, caplog):
-    """`predict`'s start: the step compiled from `inference_target`'s shapes is the one the restored
-    arrays run (no second compile), and restoring with that target reads the same arrays."""
+    """`predict`'s start: the shapes saved with the checkpoint are the model's (as tracing it gives
+    them); the step compiled from them is the one the restored arrays run (no second compile), and
+    restoring with that target reads the same arrays as restoring without one."""
     import logging
 
     run_dir, step, cfg = train.checkpoint_config(run / "run")
     steps = train.steps_for(cfg)
-    target = train.inference_target(cfg, steps)
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
+    target = train.inference_target(cfg, steps, train.read_checkpoint_meta(run_dir, step))
+    traced = train.inference_target(cfg, steps)  # a checkpoint without saved shapes (older wsitile)
+    assert jax.tree.structure(target) == jax.tree.structure(traced)
+    for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(traced), strict=True):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
     images = np.random.default_rng(0).integers(0, 256, (5, len(cfg.levels), cfg.window, cfg.window, 3), np.uint8)
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         steps.compile_predict(target, 7)  # a batch shape no other test compiles
@@ -99,6 +103,25 @@ def test_bad_input(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_model(run, tmp_path, capsys):
+    """A checkpoint whose saved shapes are not this model's (here: its config edited to another
+    width) fails in one line naming the checkpoint, before any file is written."""
+    import json
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(run / "run" / "checkpoints", edited / "checkpoints")
+    (meta_file,) = edited.glob("checkpoints/*/meta/metadata")
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["width"] = 0.25  # the arrays are width 0.125's
+    meta_file.write_text(json.dumps(meta))
+    out = tmp_path / "p"
+    assert main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(edited), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "does not match the model" in err and str(meta_file.parent.parent) in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_compile_cache_reused_by_the_next_process(run, tmp_path):

@@ -9,11 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from .loader import Loader
-from .training.checkpoints import checkpoint_config, inference_target, restore_for_inference
+from .training.checkpoints import (
+    checkpoint_config,
+    inference_target,
+    mismatch_error,
+    read_checkpoint_meta,
+    restore_for_inference,
+)
 from .training.steps import steps_for
 
 
@@ -79,7 +86,7 @@ def predict_slide(
     pending_variables: Future | None = None
     try:
         steps = steps_for(cfg)
-        target = inference_target(cfg, steps)
+        target = inference_target(cfg, steps, read_checkpoint_meta(run_dir, ckpt_step))
         pending_variables = pool.submit(restore_for_inference, run_dir, ckpt_step, cfg, target)
         pool.shutdown(wait=False)
         step = None  # the model's own predict_step
@@ -93,7 +100,10 @@ def predict_slide(
             if pending.done():
                 pending.result()  # a slide or checkpoint that cannot be read fails before the compile
         # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
-        steps.compile_predict(target, batch_size, step=step)
+        try:
+            steps.compile_predict(target, batch_size, step=step)
+        except flax.errors.FlaxError as exc:  # the saved shapes do not fit this version's model
+            raise mismatch_error(run_dir, ckpt_step, cfg, exc) from None
         _, variables = pending_variables.result()
         loader = pending_loader.result()  # never empty: the Loader refuses a slide without tissue windows
     except BaseException:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from .config import TrainConfig
@@ -47,7 +48,8 @@ def _interrupts_deferred() -> Iterator[None]:
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainConfig, loader_state: dict) -> int:
     step = int(state.step)
-    meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step}
+    meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step,
+            "variables": _shapes(_model_variables(state))}
     with _interrupts_deferred():
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         mngr.wait_until_finished()
@@ -94,15 +96,31 @@ def _abstract_state(cfg: TrainConfig, steps: Steps) -> TrainState:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=steps.replicated), abstract)
 
 
+def _model_variables(state: Any) -> dict[str, Any]:
+    """{"params", "batch_stats"} of a TrainState, or of its restored dict: what the model applies."""
+    get = state.__getitem__ if isinstance(state, dict) else lambda name: getattr(state, name)
+    return {"params": nested({**get("frozen"), **get("trainable")}), "batch_stats": get("batch_stats")}
+
+
+def _shapes(variables: dict[str, Any]) -> dict[str, list]:
+    """{flat path: [shape, dtype name]}: saved with each checkpoint, so inference knows what to read
+    and compile without tracing the model for it."""
+    return {k: [list(v.shape), str(v.dtype)] for k, v in flat(variables).items()}
+
+
+def mismatch_error(run_dir: Path, step: int, cfg: TrainConfig, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{run_dir / 'checkpoints' / str(step)}: does not match the model "
+        f"(width {cfg.width}, {len(cfg.levels)} towers): {' '.join(str(exc).split())[:200]}"
+    )
+
+
 def _restore(run_dir: Path, step: int, cfg: TrainConfig, args: ocp.args.Composite) -> Any:
     mngr = checkpoint_manager(run_dir)
     try:
         return mngr.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{run_dir / 'checkpoints' / str(step)}: does not match the model "
-            f"(width {cfg.width}, {len(cfg.levels)} towers): {' '.join(str(exc).split())[:200]}"
-        ) from None
+        raise mismatch_error(run_dir, step, cfg, exc) from None
     finally:
         mngr.close()
 
@@ -114,11 +132,17 @@ def checkpoint_config(checkpoint: str | os.PathLike[str]) -> tuple[Path, int, Tr
     return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
 
 
-def inference_target(cfg: TrainConfig, steps: Steps) -> dict[str, Any]:
+def inference_target(cfg: TrainConfig, steps: Steps, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model's variables ({"params", "batch_stats"}) as jax.ShapeDtypeStruct placed like
-    `restore_for_inference`'s: what `Steps.compile_predict` needs to compile before the arrays are read."""
-    abstract = _abstract_state(cfg, steps)
-    return {"params": nested({**abstract.frozen, **abstract.trainable}), "batch_stats": abstract.batch_stats}
+    `restore_for_inference`'s: what `Steps.compile_predict` needs to compile before the arrays are read.
+
+    From the shapes saved in the checkpoint's `meta` when it has them (milliseconds; the compile's
+    trace of the model then checks that they fit it: catch flax.errors.FlaxError there), otherwise
+    traced from the model (about a second at full width)."""
+    if meta is not None and "variables" in meta:
+        return nested({k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=steps.replicated)
+                       for k, (shape, dtype) in meta["variables"].items()})
+    return _model_variables(_abstract_state(cfg, steps))
 
 
 def restore_for_inference(
@@ -137,8 +161,7 @@ def restore_for_inference(
               "batch_stats": target["batch_stats"]}
     state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True)))["state"]
-    variables = {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
-    return steps, variables
+    return steps, _model_variables(state)
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str]) -> tuple[TrainConfig, Steps, dict[str, Any]]:

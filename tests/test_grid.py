@@ -280,6 +280,27 @@ def test_fill_holes_matches_scipy(density, shape):
     assert filled[2, 2] and not filled[0, 2]
 
 
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (2, 2), (3, 3), (64, 97)])
+def test_erode_dilate_and_clean_mask_match_scipy(density, shape):
+    """tissue.erode / dilate (shifted ANDs and ORs) against ndimage.binary_erosion / binary_dilation
+    with the 4-neighbour cross, and clean_mask against scipy's opening, closing and hole filling."""
+    from scipy import ndimage
+
+    from wsitile import tissue
+
+    cross = ndimage.generate_binary_structure(2, 1)
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1] + int(density * 10))
+    for _ in range(20):
+        mask = rng.random(shape) < density
+        np.testing.assert_array_equal(tissue.erode(mask), ndimage.binary_erosion(mask, cross))
+        np.testing.assert_array_equal(tissue.dilate(mask), ndimage.binary_dilation(mask, cross))
+        closed = ndimage.binary_closing(ndimage.binary_opening(mask, structure=cross), structure=cross,
+                                        iterations=2, border_value=0)
+        np.testing.assert_array_equal(tissue.clean_mask(mask), ndimage.binary_fill_holes(closed, cross))
+    assert not np.shares_memory(tissue.erode(mask), mask) and not np.shares_memory(tissue.dilate(mask), mask)
+
+
 def test_clean_mask_fill_matches_scipy_on_slides(tslide, normal_slide):
     from scipy import ndimage
 

@@ -112,6 +112,27 @@ def test_read_region_whole_level_and_tissue_present(pair):
     assert got.std() > 10
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_read_level_matches_openslide(pair, tumour_slide, threads):
+    """read_level (JPEG tiles decoded on threads) is OpenSlide's whole level, on every level (edge
+    tiles clipped), and on a file without JPEG tiles (the mask: OpenSlide's path)."""
+    from wsitile import jpeg_tiles
+
+    slide, osr = pair
+    for level in range(slide.level_count):
+        w, h = slide.level_dimensions[level]
+        assert jpeg_tiles.tile_layout(slide.path, {(w, h)}) is not None  # the direct path is the one tested
+        got = slide.read_level(level, threads=threads)
+        assert got.shape == (h, w, 3) and got.flags.c_contiguous and got.flags.writeable
+        np.testing.assert_array_equal(got, openslide_rgb(osr, (0, 0), level, (w, h)), err_msg=f"level {level}")
+    mask = wsitile.Slide(tumour_slide["mask"])
+    last = mask.level_count - 1
+    np.testing.assert_array_equal(mask.read_level(last, threads=threads),
+                                  mask.read_region((0, 0), last, mask.level_dimensions[last]))
+    with pytest.raises(ValueError, match="out of range"):
+        slide.read_level(slide.level_count)
+
+
 def test_read_region_outside_is_white(pair):
     slide, _ = pair
     np.testing.assert_array_equal(slide.read_region((-1000, -1000), 0, (100, 50)), 255)
@@ -223,3 +244,5 @@ def test_corrupt_tile_data_raises_on_read(tumour_slide, tmp_path):
     slide = wsitile.Slide(path)  # the directory is fine
     with pytest.raises(RuntimeError, match=rf"{path}.*level 2"):
         slide.read_region((0, 0), 2, (512, 512))
+    with pytest.raises(RuntimeError, match=rf"{path}.*level 2"):  # a tile that fails: OpenSlide names it
+        wsitile.Slide(path).read_level(2)

@@ -21,8 +21,8 @@ PYBIND11_MODULE(_core, m) {
   });
   // A slide file deleted or replaced while in use: a RuntimeError callers can tell apart.
   py::register_exception<wsitile::SlideChanged>(m, "SlideChangedError", PyExc_RuntimeError);
+  register_jpeg_tiles(m);  // before Slide and the Loader, whose signatures name JpegTileLayout
   register_slide(m);
-  register_jpeg_tiles(m);  // before the Loader, whose signature names JpegTileLayout
   register_loader(m);
   register_augment(m);
 }

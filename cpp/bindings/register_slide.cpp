@@ -2,7 +2,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "numpy_owner.hpp"
+#include "wsitile/jpeg_tiles.hpp"
 #include "wsitile/mask.hpp"
 #include "wsitile/slide.hpp"
 
@@ -16,8 +19,11 @@ void register_slide(py::module_& m) {
   m.def("openslide_version", [] { return std::string(wsitile::openslide_api().get_version()); });
 
   py::class_<wsitile::Slide>(m, "Slide")
-      .def(py::init([](const std::string& path) { return std::make_unique<wsitile::Slide>(path); }),
-           py::arg("path"))
+      .def(py::init([](const std::string& path, const std::optional<std::shared_ptr<wsitile::JpegTileLayout>>& jpeg_tiles) {
+             return std::make_unique<wsitile::Slide>(path, nullptr, jpeg_tiles.value_or(nullptr));
+           }),
+           py::arg("path"), py::arg("jpeg_tiles") = py::none(),
+           "`jpeg_tiles`: the file's JpegTileLayout (wsitile.jpeg_tiles.tile_layout), for read_level's direct path.")
       .def_property_readonly("path", &wsitile::Slide::path)
       .def_property_readonly("vendor", &wsitile::Slide::vendor)
       .def_property_readonly("level_count", &wsitile::Slide::level_count)
@@ -50,7 +56,22 @@ void register_slide(py::module_& m) {
             return to_numpy(std::move(rgb), {h, w, 3});
           },
           py::arg("location"), py::arg("level"), py::arg("size"),
-          "RGB uint8 (h, w, 3) of `level` at level-0 `location`; outside the slide is white.");
+          "RGB uint8 (h, w, 3) of `level` at level-0 `location`; outside the slide is white.")
+      .def(
+          "read_level",
+          [](const wsitile::Slide& s, int32_t level, int threads) {
+            if (threads < 1) throw std::invalid_argument("read_level: threads must be >= 1");
+            const auto& info = s.level(level);
+            wsitile::Slide::check_region(0, 0, info.width, info.height);  // at most 2^32 pixels, before allocating
+            std::vector<uint8_t> rgb(static_cast<size_t>(info.width * info.height * 3));
+            {
+              py::gil_scoped_release release;
+              s.read_level(level, rgb.data(), threads);
+            }
+            return to_numpy(std::move(rgb), {info.height, info.width, 3});
+          },
+          py::arg("level"), py::arg("threads") = 1,
+          "RGB uint8 (h, w, 3) of the whole `level`, JPEG tiles decoded on `threads` threads.");
 
   m.def(
       "mask_any",

@@ -1,6 +1,7 @@
 #include "wsitile/slide.hpp"
 
 #include "wsitile/jpeg_tiles.hpp"
+#include "wsitile/parallel.hpp"
 
 #include <sys/stat.h>
 
@@ -200,6 +201,28 @@ void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size,
     return;  // wholly outside the slide: white
   }
   jpeg_->read_tile_region(*page, bx, by, x, y, w, h, dest, row_stride);
+}
+
+void Slide::read_level(int32_t lvl, uint8_t* dest, int threads) const {
+  const LevelInfo& info = level(lvl);
+  const int64_t w = info.width, h = info.height;
+  const JpegTileLevel* page = jpeg_page(lvl);
+  if (page && page->width == w && page->height == h) {
+    const int64_t t = page->tile, across = page->tiles_across();
+    try {
+      parallel_for(across * page->tiles_down(), threads, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t col = i % across, row = i / across;
+          read_block_region(lvl, col, row, t, 0, 0, std::min(t, w - col * t), std::min(t, h - row * t),
+                            dest + (row * t * w + col * t) * 3, w * 3);
+        }
+      });
+      return;
+    } catch (const SlideReadError&) {
+      // A tile that does not decode: OpenSlide reads the level and reports the failure in its words.
+    }
+  }
+  read_rgb(0, 0, lvl, w, h, dest, w * 3);
 }
 
 int32_t Slide::jpeg_tile_size(int32_t lvl) const {

@@ -11,11 +11,28 @@ import typing
 __all__: list[str] = ['JpegTileLayout', 'Loader', 'Slide', 'SlideChangedError', 'augment_batch', 'augment_draw_params', 'augment_kernel_isa', 'libjpeg_loaded', 'load_libjpeg', 'load_openslide', 'mask_any', 'openslide_loaded', 'openslide_version', 'place_tower', 'read_jpeg_tile', 'read_jpeg_tile_region']
 class SlideChangedError(RuntimeError):
     pass
-class Slide:
-    def __init__(self, path: str) -> None:
+class JpegTileLayout:
+    """
+    The tiled JPEG pages of one TIFF file (see wsitile.jpeg_tiles).
+    """
+    def __init__(self, identity: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex], pages: list) -> None:
+        """
+        identity: (st_dev, st_ino, st_size, st_mtime_ns) of the file the pages were read from.
+        """
+    @builtins.property
+    def page_sizes(self) -> list[tuple[int, int, int]]:
         ...
+class Slide:
+    def __init__(self, path: str, jpeg_tiles: JpegTileLayout | None = None) -> None:
+        """
+        `jpeg_tiles`: the file's JpegTileLayout (wsitile.jpeg_tiles.tile_layout), for read_level's direct path.
+        """
     def property(self, name: str) -> str | None:
         ...
+    def read_level(self, level: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.typing.NDArray[numpy.uint8]:
+        """
+        RGB uint8 (h, w, 3) of the whole `level`, JPEG tiles decoded on `threads` threads.
+        """
     def read_region(self, location: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex], level: typing.SupportsInt | typing.SupportsIndex, size: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]) -> numpy.typing.NDArray[numpy.uint8]:
         """
         RGB uint8 (h, w, 3) of `level` at level-0 `location`; outside the slide is white.
@@ -34,17 +51,6 @@ class Slide:
         ...
     @builtins.property
     def vendor(self) -> str:
-        ...
-class JpegTileLayout:
-    """
-    The tiled JPEG pages of one TIFF file (see wsitile.jpeg_tiles).
-    """
-    def __init__(self, identity: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex], pages: list) -> None:
-        """
-        identity: (st_dev, st_ino, st_size, st_mtime_ns) of the file the pages were read from.
-        """
-    @builtins.property
-    def page_sizes(self) -> list[tuple[int, int, int]]:
         ...
 class Loader:
     def __init__(self, slides: collections.abc.Sequence[str], slide_index: numpy.ndarray, x: numpy.ndarray, y: numpy.ndarray, labels: numpy.ndarray, levels: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], window: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, balanced: bool, drop_last: bool, seed: typing.SupportsInt | typing.SupportsIndex, cache_bytes: typing.SupportsInt | typing.SupportsIndex, augment: tuple | None = None, out_dtype: str = 'uint8', tile_cache_bytes: typing.SupportsInt | typing.SupportsIndex = 33554432, on_error: str = 'raise', jpeg_tiles: collections.abc.Sequence[JpegTileLayout | None] = [], tile_regions: bool = True) -> None:

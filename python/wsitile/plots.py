@@ -74,8 +74,7 @@ def _thumbnail(slide) -> np.ndarray:  # noqa: ANN001 - wsitile.Slide
     """RGB of the finest level whose larger side is <= _THUMB_SIDE * 2 (else the coarsest level)."""
     dims = slide.level_dimensions
     level = next((lvl for lvl, (w, h) in enumerate(dims) if max(w, h) <= 2 * _THUMB_SIDE), len(dims) - 1)
-    w, h = dims[level]
-    return slide.read_region((0, 0), level, (w, h))
+    return slide.read_level(level)
 
 
 def save_heatmap_png(heatmap: Heatmap, slide_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> None:

@@ -72,5 +72,18 @@ class Slide:
         self.check_level(level)
         return self._slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
 
+    def read_level(self, level: int, threads: int | None = None) -> np.ndarray:
+        """The whole `level` as RGB uint8 (h, w, 3): ``read_region((0, 0), level, dimensions)``, with a
+        JPEG-tiled level's tiles decoded on `threads` threads (default: the usable cores)."""
+        from . import jpeg_tiles
+
+        self.check_level(level)
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        layout = jpeg_tiles.tile_layout(self.path, {self.level_dimensions[level]}) if jpeg_tiles.ensure_libjpeg() else None
+        # A handle of its own with that page's tile table (ms to parse); without one, OpenSlide reads it.
+        reader = self._slide if layout is None else _core.Slide(self.path, layout)
+        return reader.read_level(int(level), max(1, int(threads)))
+
     def __repr__(self) -> str:
         return f"Slide({self.path!r}, levels={self.level_count}, dimensions={self.dimensions})"

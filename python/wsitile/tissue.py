@@ -86,8 +86,7 @@ def saturation_mask(rgb: np.ndarray) -> np.ndarray:
 
 def tissue_mask(slide: Slide, level: int) -> np.ndarray:
     """Boolean (h, w) tissue mask of `level` (True = tissue)."""
-    width, height = slide.level_dimensions[level]
-    mask = saturation_mask(slide.read_region((0, 0), level, (width, height)))
+    mask = saturation_mask(slide.read_level(level))
     return clean_mask(mask) if mask.any() else mask
 
 

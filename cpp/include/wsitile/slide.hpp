@@ -134,6 +134,13 @@ class Slide {
   void read_block_region(int32_t level, int64_t bx, int64_t by, int64_t size, int64_t x, int64_t y, int64_t w,
                          int64_t h, uint8_t* dest, int64_t row_stride) const;
 
+  // The whole of `level` as packed RGB (row stride width * 3 bytes): what read_rgb(0, 0, level, width,
+  // height) gives. A level whose tiles decode straight from the file (jpeg_tile_size) is decoded tile
+  // by tile on `threads` threads; any other level, or one with a tile that fails, through one
+  // read_rgb, which names what is wrong. Why: the tissue mask reads a whole ~19 Mpx level per slide,
+  // and OpenSlide decodes it on one thread.
+  void read_level(int32_t level, uint8_t* dest, int threads) const;
+
  private:
   void check_error(const std::string& what) const;
   // The verified JPEG page of `level` (jpeg_tile_size's check), or nullptr.

@@ -28,6 +28,7 @@ RATIOS += [
     ("tissue mask (max, min histogram)", "tissue mask (float64 table + otsu on the image)"),
     ("tissue mask (max, min histogram)", "tissue mask (max, min histogram, scipy opening and closing)"),
     ("Loader over 4 Camelyon-size slides, 2 threads", "Loader over 4 Camelyon-size slides, 1 thread"),
+    ("tissue level read (Slide.read_level, JPEG tiles on 2 threads)", "tissue level read (OpenSlide read_region)"),
 ]
 
 
@@ -92,6 +93,21 @@ def test_tissue_mask(benchmark, tissue_level, method):
     mask = benchmark.pedantic(fn, args=(tissue_level,), rounds=ROUNDS, iterations=1)
     np.testing.assert_array_equal(mask, _mask_histogram(tissue_level))  # every method, the same mask
     record(benchmark, f"tissue mask ({method})", WINDOWS)
+
+
+@pytest.mark.parametrize("how", ["OpenSlide read_region", "Slide.read_level, JPEG tiles on 2 threads"])
+def test_tissue_level_read(benchmark, camelyon_size, how):
+    """The tissue level (6,144 x 3,072 px) read whole: OpenSlide's read_region (one thread, the
+    baseline) against read_level (its JPEG tiles decoded straight from the file); same pixels."""
+    slide = wsitile.Slide(camelyon_size)
+    level = tissue.tissue_level(slide, 2, 80)
+    if how.startswith("OpenSlide"):
+        fn = lambda: slide.read_region((0, 0), level, slide.level_dimensions[level])  # noqa: E731
+    else:
+        fn = lambda: slide.read_level(level, threads=2)  # noqa: E731
+    rgb = benchmark.pedantic(fn, rounds=ROUNDS, iterations=1)
+    np.testing.assert_array_equal(rgb, slide.read_region((0, 0), level, slide.level_dimensions[level]))
+    record(benchmark, f"tissue level read ({how})", WINDOWS)
 
 
 def test_build_grid(benchmark, camelyon_size):

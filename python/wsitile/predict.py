@@ -150,5 +150,5 @@ def _collect(in_flight: tuple[np.ndarray, jax.Array], probs: np.ndarray) -> int:
 
 
 def _close_loader(done: Future) -> None:
-    if done.exception() is None:
+    if not done.cancelled() and done.exception() is None:
         done.result().close()

@@ -301,6 +301,45 @@ def test_erode_dilate_and_clean_mask_match_scipy(density, shape):
     assert not np.shares_memory(tissue.erode(mask), mask) and not np.shares_memory(tissue.dilate(mask), mask)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (33, 1), (37, 53), (200, 130)])
+def test_tissue_windows_match_window_means(shape, monkeypatch):
+    """grid.tissue_windows (integral image at the windows' edge rows) against each window's mask
+    pixels summed by NumPy, on random masks, for scales that put edges on every row or on few."""
+    from wsitile import grid
+
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    for trial in range(12):
+        mask = rng.random(shape) < rng.choice([0.0, 0.1, 0.5, 0.9, 1.0])
+        down = float(rng.choice([1.0, 2.0, 8.0, 16.0, 1.5]))  # mask downsample relative to the base level
+        window, stride = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        threshold = float(rng.choice([0.01, 0.25, 0.5, 1.0]))
+        base_w, base_h = int(shape[1] * down), int(shape[0] * down)
+        if base_w < window or base_h < window:
+            continue
+        grid_shape = ((base_h - window) // stride + 1, (base_w - window) // stride + 1)
+
+        class FakeSlide:
+            level_downsamples = [1.0, down]
+
+        monkeypatch.setattr(grid, "tissue_level", lambda slide, base, win: 1)
+        monkeypatch.setattr(grid, "tissue_mask", lambda slide, level: mask)
+        got = grid.tissue_windows(FakeSlide(), 0, window, stride, grid_shape, threshold)
+        expected = []
+        for j in range(grid_shape[0]):
+            for i in range(grid_shape[1]):
+                x0, y0 = i * stride, j * stride
+                lo_x, lo_y = int(np.floor(x0 / down)), int(np.floor(y0 / down))
+                hi_x = max(int(np.ceil((x0 + window) / down)), lo_x + 1)
+                hi_y = max(int(np.ceil((y0 + window) / down)), lo_y + 1)
+                lo_x, hi_x = min(lo_x, shape[1]), min(hi_x, shape[1])
+                lo_y, hi_y = min(lo_y, shape[0]), min(hi_y, shape[0])
+                part = mask[lo_y:hi_y, lo_x:hi_x]
+                if part.sum() > 0 and part.sum() >= threshold * max(part.size, 1):
+                    expected.append((x0, y0))
+        np.testing.assert_array_equal(got.reshape(-1, 2), np.asarray(expected, np.int64).reshape(-1, 2),
+                                      err_msg=f"trial {trial}: down {down}, window {window}, stride {stride}")
+
+
 def test_clean_mask_fill_matches_scipy_on_slides(tslide, normal_slide):
     from scipy import ndimage
 

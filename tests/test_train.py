@@ -199,6 +199,24 @@ def test_resume_replays_the_same_batches_and_parameters(slides, tmp_path):
         fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False)
 
 
+def test_best_validation_checkpoint_is_kept(slides, tmp_path, monkeypatch):
+    """RUN/best holds the checkpoint of the best validation AUC so far, across resumed runs, and
+    loads for inference (as `wsitile predict --checkpoint RUN/best`)."""
+    cfg = TrainConfig(**SMALL)
+    aucs = iter([0.6, 0.9, 0.7])
+    monkeypatch.setattr(train, "window_auc", lambda labels, probs: next(aucs))
+    for steps in (1, 2, 3):  # each run validates once, at its end
+        fit(cfg, _slide_set(slides), tmp_path / "run", steps=steps, threads=2, progress=False, resume=steps > 1)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["val_step"] == [1, 2, 3] and history["val_auc"] == [0.6, 0.9, 0.7]
+    assert train.find_checkpoint(tmp_path / "run") == (tmp_path / "run", 3)
+    assert train.find_checkpoint(tmp_path / "run" / "best") == (tmp_path / "run" / "best", 2)
+    _, best, _ = _params(tmp_path / "run" / "best", cfg)
+    assert best["step"] == 2
+    loaded_cfg, _, variables = train.load_for_inference(tmp_path / "run" / "best")
+    assert loaded_cfg == cfg and "params" in variables
+
+
 def test_checkpoint_of_another_architecture_is_refused(slides, tmp_path):
     cfg = TrainConfig(**SMALL)
     fit(cfg, _slide_set(slides), tmp_path / "run", steps=1, threads=2, progress=False)

@@ -65,11 +65,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
     )
     fit(train_cfg, slides, run_dir, time_limit=cfg.train_seconds, threads=cfg.threads, resume=False)
 
-    log(f"[3/5] heatmaps of the {len(test_items)} held-out slides -> {pred_dir}")
+    # The model of the best validation AUC (training stops at its time limit wherever it is).
+    model_dir = run_dir / "best" if (run_dir / "best" / "checkpoints").is_dir() else run_dir
+    log(f"[3/5] heatmaps of the {len(test_items)} held-out slides -> {pred_dir} (model: {model_dir})")
     heatmaps = []
     for slide, _ in test_items:
         target = pred_dir / Path(slide).stem
-        predict_slide(slide, run_dir, target, threads=cfg.threads)
+        predict_slide(slide, model_dir, target, threads=cfg.threads)
         heatmaps.append(target / "heatmap.npz")
 
     log("[4/5] window-level metrics on the held-out tumour slide, FROC and slide AUC over all held-out slides")

@@ -100,7 +100,9 @@ def fit(
     at least one must be given), validating and checkpointing at each epoch end and at the end.
 
     Writes into `run_dir`: config.json, checkpoints/ (orbax), history.json and training.png (loss and
-    validation AUC). With `resume`, continues from the latest checkpoint there: the same batches and
+    validation AUC); with validation slides also best/, a run directory of its own holding the
+    checkpoint of the best validation AUC so far (`predict --checkpoint RUN/best`), as Keras's
+    ModelCheckpoint(save_best_only=True): a time-limited run stops wherever it is. With `resume`, continues from the latest checkpoint there: the same batches and
     parameters follow as in an uninterrupted run.
     """
     from tqdm import tqdm
@@ -150,6 +152,7 @@ def fit(
         )
 
     mngr = checkpoint_manager(run_dir)
+    best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
     history = History()
     history_path = run_dir / "history.json"
     if resume and mngr.latest_step() is not None:
@@ -230,13 +233,18 @@ def fit(
             if val_loader is not None:
                 labels_v, probs_v = predict_loader(ex, state.variables(), val_loader)
                 auc = window_auc(labels_v, probs_v)
+                best_so_far = max((a for a in history.val_auc if math.isfinite(a)), default=-math.inf)
                 history.val_step.append(int(state.step))
                 history.val_auc.append(auc)
                 bar.write(f"step {int(state.step)}: validation AUC {auc:.4f} over {len(labels_v)} windows")
+                if best_mngr is not None and math.isfinite(auc) and auc > best_so_far:
+                    save_checkpoint(best_mngr, state, cfg, loader.get_state())
             checkpoint()
     finally:
         bar.close()
         mngr.close()
+        if best_mngr is not None:
+            best_mngr.close()
         loader.close()
         if val_loader is not None:
             val_loader.close()

@@ -206,8 +206,8 @@ void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size,
 void Slide::read_level(int32_t lvl, uint8_t* dest, int threads) const {
   const LevelInfo& info = level(lvl);
   const int64_t w = info.width, h = info.height;
-  const JpegTileLevel* page = jpeg_page(lvl);
-  if (page && page->width == w && page->height == h) {
+  const JpegTileLevel* page = jpeg_page(lvl);  // a page of the level's size, or nullptr
+  if (page) {
     const int64_t t = page->tile, across = page->tiles_across();
     try {
       parallel_for(across * page->tiles_down(), threads, [&](int64_t begin, int64_t end) {

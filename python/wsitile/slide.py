@@ -76,10 +76,10 @@ class Slide:
         """The whole `level` as RGB uint8 (h, w, 3): ``read_region((0, 0), level, dimensions)``, with a
         JPEG-tiled level's tiles decoded on `threads` threads (default: the usable cores)."""
         from . import jpeg_tiles
+        from .grid import default_threads  # here: grid imports this module
 
         self.check_level(level)
-        if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = default_threads() if threads is None else threads
         layout = jpeg_tiles.tile_layout(self.path, {self.level_dimensions[level]}) if jpeg_tiles.ensure_libjpeg() else None
         # A handle of its own with that page's tile table (ms to parse); without one, OpenSlide reads it.
         reader = self._slide if layout is None else _core.Slide(self.path, layout)

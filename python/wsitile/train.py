@@ -102,8 +102,9 @@ def fit(
     Writes into `run_dir`: config.json, checkpoints/ (orbax), history.json and training.png (loss and
     validation AUC); with validation slides also best/, a run directory of its own holding the
     checkpoint of the best validation AUC so far (`predict --checkpoint RUN/best`), as Keras's
-    ModelCheckpoint(save_best_only=True): a time-limited run stops wherever it is. With `resume`, continues from the latest checkpoint there: the same batches and
-    parameters follow as in an uninterrupted run.
+    ModelCheckpoint(save_best_only=True): a time-limited run stops wherever it is. With `resume`,
+    continues from the latest checkpoint there: the same batches and parameters follow as in an
+    uninterrupted run.
     """
     from tqdm import tqdm
 

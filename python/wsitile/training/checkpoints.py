@@ -49,7 +49,7 @@ def _interrupts_deferred() -> Iterator[None]:
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainConfig, loader_state: dict) -> int:
     step = int(state.step)
     meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step,
-            "variables": _shapes(_model_variables(state))}
+            "variables": _shapes(state.variables())}
     with _interrupts_deferred():
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         mngr.wait_until_finished()
@@ -96,12 +96,6 @@ def _abstract_state(cfg: TrainConfig, steps: Steps) -> TrainState:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=steps.replicated), abstract)
 
 
-def _model_variables(state: Any) -> dict[str, Any]:
-    """{"params", "batch_stats"} of a TrainState, or of its restored dict: what the model applies."""
-    get = state.__getitem__ if isinstance(state, dict) else lambda name: getattr(state, name)
-    return {"params": nested({**get("frozen"), **get("trainable")}), "batch_stats": get("batch_stats")}
-
-
 def _shapes(variables: dict[str, Any]) -> dict[str, list]:
     """{flat path: [shape, dtype name]}: saved with each checkpoint, so inference knows what to read
     and compile without tracing the model for it."""
@@ -142,7 +136,7 @@ def inference_target(cfg: TrainConfig, steps: Steps, meta: dict[str, Any] | None
     if meta is not None and "variables" in meta:
         return nested({k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=steps.replicated)
                        for k, (shape, dtype) in meta["variables"].items()})
-    return _model_variables(_abstract_state(cfg, steps))
+    return _abstract_state(cfg, steps).variables()
 
 
 def restore_for_inference(
@@ -161,7 +155,7 @@ def restore_for_inference(
               "batch_stats": target["batch_stats"]}
     state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True)))["state"]
-    return steps, _model_variables(state)
+    return steps, {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str]) -> tuple[TrainConfig, Steps, dict[str, Any]]:

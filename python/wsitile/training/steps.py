@@ -143,12 +143,16 @@ class Steps:
         last batch does not compile the model again."""
         return np.asarray(self.predict_async(variables, images, step, pad_to))[: len(images)]
 
+    def _padded(self, size: int) -> int:
+        """The batch size a predict batch of `size` runs at: a multiple of the device count (the shape
+        compile_predict compiles and predict_async calls must agree, or the call compiles again)."""
+        return size + (-size) % self.num_devices
+
     def compile_predict(self, variables: dict[str, Any], batch_size: int, step: Callable | None = None) -> None:
         """Compile `predict_step` (or `step`) for batches padded to `batch_size`, or load it from JAX's
         persistent compilation cache. `variables` may be abstract (`inference_target`), so this can run
         while the checkpoint is still being read; later calls with the real arrays reuse the result."""
-        size = batch_size + (-batch_size) % self.num_devices
-        images = jax.ShapeDtypeStruct((size, len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
+        images = jax.ShapeDtypeStruct((self._padded(batch_size), len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
                                       sharding=self.batch_sharding)
         cast(Any, step or self.predict_step).lower(variables, images).compile()  # a jax.jit object
 
@@ -159,8 +163,7 @@ class Steps:
         device (the first len(images) are the batch's). The caller reads them after dispatching the
         next batch, so the device does not idle while the host hands it the next one."""
         n = len(images)
-        size = max(n, pad_to)
-        pad = size + (-size) % self.num_devices - n
+        pad = self._padded(max(n, pad_to)) - n
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
         return cast(jax.Array, (step or self.predict_step)(variables, self.place_batch(images)))

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import TrainConfig
@@ -153,9 +154,13 @@ def restore_for_inference(
     wanted = {"trainable": {k: v for k, v in params.items() if k in trainable},
               "frozen": {k: v for k, v in params.items() if k not in trainable},
               "batch_stats": target["batch_stats"]}
+    # Read as NumPy arrays and placed in one transfer: orbax's per-array device_put is ~40% of its
+    # restore (754 arrays at full width: 1.4 -> 0.8 s on a CPU, 2026-12-01).
+    host_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), wanted)
     state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True)))["state"]
-    return steps, {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
+        item=wanted, restore_args=host_args, partial_restore=True)))["state"]
+    variables = {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
+    return steps, jax.device_put(variables, steps.replicated)
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str]) -> tuple[TrainConfig, Steps, dict[str, Any]]:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import openslide
 import pytest
+from PIL import Image
 from sklearn.metrics import precision_score, recall_score, roc_auc_score, roc_curve
 
 import wsitile
 from wsitile.cli import main
 from wsitile.evaluate import METRIC_KEYS, evaluate_heatmap, format_table, window_labels, window_metrics
 from wsitile.heatmap import Heatmap, base_downsample, grid_cells, grid_image, load_heatmap, save_heatmap
-from wsitile.plots import save_heatmap_png, save_roc, save_training_curves
+from wsitile.plots import heatmap_backdrop, save_heatmap_png, save_roc, save_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -277,3 +279,23 @@ def test_plots_write_valid_pngs(tumour_slide, tumour_heatmap, tmp_path):
     save_training_curves({"step": [], "loss": []}, tmp_path / "empty.png")  # an empty history still draws
     assert_png(tmp_path / "empty.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "empty.png", "heatmap.png", "roc.png"]
+
+
+def test_heatmap_png_from_a_prepared_backdrop_is_the_same_picture(tumour_slide, tumour_heatmap, tmp_path):
+    # predict reads the backdrop in a thread during its loop; the picture must not depend on it.
+    hm = load_heatmap(tumour_heatmap)
+    backdrop = heatmap_backdrop(tumour_slide["slide"])
+    ref = openslide.OpenSlide(tumour_slide["slide"])
+    level = next((i for i, d in enumerate(ref.level_dimensions) if max(d) <= 2048), ref.level_count - 1)
+    expected = np.asarray(ref.read_region((0, 0), level, ref.level_dimensions[level]).convert("RGB"))
+    np.testing.assert_array_equal(backdrop.thumbnail, expected)
+    assert backdrop.dimensions == ref.dimensions
+    save_heatmap_png(hm, tumour_slide["slide"], tmp_path / "own.png")
+    save_heatmap_png(hm, tumour_slide["slide"], tmp_path / "prepared.png", backdrop=backdrop)
+    own, prepared = (np.asarray(Image.open(tmp_path / name)) for name in ("own.png", "prepared.png"))
+    np.testing.assert_array_equal(own, prepared)
+    bad = Heatmap(coords=hm.coords, probs=hm.probs, levels=np.array([9, 10]), window=hm.window, center=hm.center,
+                  stride=hm.stride, grid_shape=hm.grid_shape, slide=hm.slide)
+    with pytest.raises(ValueError, match=r"level 9 out of range.*levels 0\.\."):
+        save_heatmap_png(bad, tumour_slide["slide"], tmp_path / "bad.png", backdrop=backdrop)
+    assert not (tmp_path / "bad.png").exists()

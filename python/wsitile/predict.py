@@ -54,7 +54,7 @@ def predict_slide(
     from tqdm import tqdm
 
     from .heatmap import Heatmap, save_heatmap
-    from .plots import save_heatmap_png
+    from .plots import heatmap_backdrop, save_heatmap_png
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -115,6 +115,11 @@ def predict_slide(
 
     probs = np.empty(len(grid), np.float32)
     start = time.perf_counter()
+    # The picture's thumbnail and matplotlib's import (~0.7 s) while the windows are predicted: the
+    # loop's host side is the loader's C++ threads and waits on the device, which leave the GIL free.
+    backdrop_pool = ThreadPoolExecutor(1, thread_name_prefix="wsitile-backdrop")
+    backdrop = backdrop_pool.submit(heatmap_backdrop, slide)
+    backdrop_pool.shutdown(wait=False)
     with loader, tqdm(total=len(grid), unit="win", desc="predict", disable=not progress or None) as bar:
         in_flight: tuple[np.ndarray, jax.Array] | None = None
         for batch in loader:  # grid order: sample_index runs 0..N-1
@@ -138,7 +143,7 @@ def predict_slide(
         slide=os.path.abspath(slide),
     )
     save_heatmap(out_dir / "heatmap.npz", heatmap)
-    save_heatmap_png(heatmap, slide, out_dir / "heatmap.png")
+    save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
     return {"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9), "start": start - t0, "loop": loop,
             "write": time.perf_counter() - start - loop}
 

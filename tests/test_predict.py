@@ -80,10 +80,10 @@ def test_compiled_from_shapes_while_the_checkpoint_is_read(run, caplog):
         assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
     images = np.random.default_rng(0).integers(0, 256, (5, len(cfg.levels), cfg.window, cfg.window, 3), np.uint8)
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        steps.compile_predict(target, 7)  # a batch shape no other test compiles
+        compiled_step = steps.compile_predict(target, 7)  # a batch shape no other test compiles
         compiled = [r for r in caplog.records if "Compiling" in r.getMessage()]
         _, variables = train.restore_for_inference(run_dir, step, cfg, target)
-        probs = steps.predict(variables, images, pad_to=7)
+        probs = np.asarray(steps.predict_async(variables, images, step=compiled_step, pad_to=7))[:5]
         again = [r for r in caplog.records if "Compiling" in r.getMessage()]
     assert len(compiled) == 1 and len(again) == 1, [r.getMessage()[:80] for r in again]
     _, fresh = train.restore_for_inference(run_dir, step, cfg)
@@ -125,25 +125,29 @@ def test_checkpoint_that_does_not_fit_the_model(run, tmp_path, capsys):
 
 
 def test_compile_cache_reused_by_the_next_process(run, tmp_path):
-    """WSITILE_COMPILE_CACHE: the first `wsitile predict` process writes the compiled model there, a
-    second one with the same settings finds it, and both write the same heatmap."""
+    """WSITILE_COMPILE_CACHE: the first `wsitile predict` process writes the compiled model there and
+    the traced one (a jax.export artifact), a second one with the same settings finds both and does
+    not trace the model, and both write the same heatmap."""
     import os
     import subprocess
     import sys
 
     cache = tmp_path / "cache"
     env = dict(os.environ, WSITILE_COMPILE_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    heatmaps, entries = [], []
+    heatmaps, entries, traced = [], [], []
     for i in range(2):
         out = tmp_path / f"p{i}"
-        subprocess.run([sys.executable, "-m", "wsitile", "predict", str(run / "tumor_001.tif"), "--checkpoint",
-                        str(run / "run"), "--out", str(out), "--batch-size", "16", "--stride", "160"],
-                       env=env, check=True, capture_output=True, timeout=600)
-        entries.append(sorted(p.name for p in cache.iterdir()))
+        proc = subprocess.run([sys.executable, "-m", "wsitile", "predict", str(run / "tumor_001.tif"),
+                               "--checkpoint", str(run / "run"), "--out", str(out), "--batch-size", "16",
+                               "--stride", "160"], env=env, check=True, capture_output=True, text=True, timeout=600)
+        entries.append(sorted(p.name for p in cache.rglob("*")))
+        traced.append("Finished tracing _predict_step" in proc.stderr)
         with np.load(out / "heatmap.npz", allow_pickle=False) as h:
             heatmaps.append(h["probs"])
     assert entries[0], "the first process wrote nothing to the compilation cache"
     assert entries[1] == entries[0], "the second process compiled something new instead of reusing the cache"
+    assert sum(name.endswith(".exported") for name in entries[0]) == 1, entries[0]
+    assert traced == [True, False], "the second process traced the model again"
     np.testing.assert_array_equal(heatmaps[0], heatmaps[1])

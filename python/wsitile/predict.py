@@ -11,7 +11,6 @@ import numpy as np
 
 import flax
 import jax
-import jax.numpy as jnp
 
 from .loader import Loader
 from .training.checkpoints import (
@@ -22,15 +21,6 @@ from .training.checkpoints import (
     restore_for_inference,
 )
 from .training.steps import steps_for
-
-
-def dihedral(images: jax.Array) -> jax.Array:
-    """(N, T, H, W, 3) -> (8N, T, H, W, 3): the 8 orientations (4 rotations, with and without a flip)
-    of every sample, both towers turned together, orientation-major."""
-    out: list[jax.Array] = []
-    for flipped in (images, images[:, :, :, ::-1]):
-        out.extend(jnp.rot90(flipped, k, axes=(2, 3)) for k in range(4))
-    return jnp.concatenate(out)
 
 
 def predict_slide(
@@ -89,19 +79,12 @@ def predict_slide(
         target = inference_target(cfg, steps, read_checkpoint_meta(run_dir, ckpt_step))
         pending_variables = pool.submit(restore_for_inference, run_dir, ckpt_step, cfg, target)
         pool.shutdown(wait=False)
-        step = None  # the model's own predict_step
-        if tta:
-            step = jax.jit(
-                lambda v, x: steps.model_probs(v, dihedral(x)).reshape(8, -1).mean(axis=0),
-                in_shardings=(steps.replicated, steps.batch_sharding),
-                out_shardings=steps.batch_sharding,
-            )
         for pending in (pending_loader, pending_variables):
             if pending.done():
                 pending.result()  # a slide or checkpoint that cannot be read fails before the compile
         # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
         try:
-            steps.compile_predict(target, batch_size, step=step)
+            step = steps.compile_predict(target, batch_size, tta=tta)
         except flax.errors.FlaxError as exc:  # the saved shapes do not fit this version's model
             raise mismatch_error(run_dir, ckpt_step, cfg, exc) from None
         _, variables = pending_variables.result()

@@ -9,6 +9,7 @@ backpropagation stops at the boundary.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any, Callable, Sequence, cast
 
@@ -22,6 +23,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import TrainConfig, build_model
 from .params import flat, init_variables, nested, trainable_paths
+
+def dihedral(images: jax.Array) -> jax.Array:
+    """(N, T, H, W, 3) -> (8N, T, H, W, 3): the 8 orientations (4 rotations, with and without a flip)
+    of every sample, both towers turned together, orientation-major."""
+    out: list[jax.Array] = []
+    for flipped in (images, images[:, :, :, ::-1]):
+        out.extend(jnp.rot90(flipped, k, axes=(2, 3)) for k in range(4))
+    return jnp.concatenate(out)
+
 
 # --- optimiser and state ---------------------------------------------------------------------------
 
@@ -97,6 +107,12 @@ class Steps:
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=self.batch_sharding,
         )
+        # Test-time augmentation: the mean over the 8 dihedral orientations of each window pair.
+        self.tta_step = jax.jit(
+            self._tta_step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
 
     @property
     def num_devices(self) -> int:
@@ -128,6 +144,9 @@ class Steps:
     def _predict_step(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         return self.model_probs(variables, images)
 
+    def _tta_step(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        return self.model_probs(variables, dihedral(images)).reshape(8, -1).mean(axis=0)
+
     def place_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
 
@@ -148,13 +167,23 @@ class Steps:
         compile_predict compiles and predict_async calls must agree, or the call compiles again)."""
         return size + (-size) % self.num_devices
 
-    def compile_predict(self, variables: dict[str, Any], batch_size: int, step: Callable | None = None) -> None:
-        """Compile `predict_step` (or `step`) for batches padded to `batch_size`, or load it from JAX's
-        persistent compilation cache. `variables` may be abstract (`inference_target`), so this can run
-        while the checkpoint is still being read; later calls with the real arrays reuse the result."""
+    def compile_predict(self, variables: dict[str, Any], batch_size: int, tta: bool = False) -> jax.stages.Compiled:
+        """`predict_step` (`tta_step` with `tta`) compiled for batches padded to `batch_size`: pass it
+        as `step` to `predict_async`. `variables` may be abstract (`inference_target`), so this can run
+        while the checkpoint is still being read. With JAX's persistent compilation cache on, the step
+        is traced once per machine (kept as a `jax.export` artifact: `exported.exported_step`) and
+        compiled once (the compilation cache)."""
+        from .exported import exported_step
+
         images = jax.ShapeDtypeStruct((self._padded(batch_size), len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
                                       sharding=self.batch_sharding)
-        cast(Any, step or self.predict_step).lower(variables, images).compile()  # a jax.jit object
+        step = self.tta_step if tta else self.predict_step
+        identity = json.dumps({"step": "tta" if tta else "predict", "config": self.cfg.to_json()}, sort_keys=True)
+        exported = exported_step(step, (variables, images), identity)
+        if exported is not None:
+            step = jax.jit(exported.call, in_shardings=(self.replicated, self.batch_sharding),
+                           out_shardings=self.batch_sharding)
+        return step.lower(variables, images).compile()
 
     def predict_async(
         self, variables: dict[str, Any], images: np.ndarray, step: Callable | None = None, pad_to: int = 0

@@ -17,9 +17,8 @@ DEST=.whl
 mkdir -p "$DEST"
 
 # Not on the device image (KINDS.md's package list): the engine's readers and writers, the Keras
-# baseline and its two missing dependencies, and flatbuffers (jax.export's serialization: without it
-# predict traces its model in every process). tifffile is there, but at an unknown version: carry
-# the tested one (250 kB). scikit-image, scipy, h5py, tqdm, matplotlib, scikit-learn, rich, absl-py,
+# baseline and its two missing dependencies. tifffile is there, but at an unknown version: carry
+# the tested one (250 kB). flatbuffers (jax.export's serialization, predict's trace cache) is there. scikit-image, scipy, h5py, tqdm, matplotlib, scikit-learn, rich, absl-py,
 # ml-dtypes, pillow, numpy are on the image.
 PACKAGES=(
   openslide-python==1.4.7
@@ -30,7 +29,6 @@ PACKAGES=(
   keras==3.15.1
   namex==0.1.0
   optree==0.20.0
-  flatbuffers==25.12.19
 )
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)

@@ -110,6 +110,14 @@ def test_exported_steps_compute_what_the_steps_do(run, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.exported"))) == 2
 
 
+def test_default_batch_size_follows_the_device(monkeypatch):
+    from wsitile import predict
+
+    assert predict.default_batch_size(80) == 64  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert [predict.default_batch_size(w) for w in (80, 128, 129, 299)] == [512, 512, 256, 256]
+
+
 def test_bad_input(run, tmp_path, capsys):
     ckpt = str(run / "run")
     for args, needle in (

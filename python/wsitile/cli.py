@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for heatmap.npz and heatmap.png")
     p.add_argument("--stride", type=_positive_int, default=None, help="grid step (default: the window)")
     p.add_argument("--tta", action="store_true", help="average the 8 dihedral orientations")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="windows per model call (default: 512 on a GPU, 256 for windows over 128 px; 64 on a CPU)")
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("evaluate", help="window-level metrics of a heatmap against its tumour mask (seed table)")

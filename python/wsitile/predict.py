@@ -23,6 +23,15 @@ from .training.checkpoints import (
 from .training.steps import steps_for
 
 
+def default_batch_size(window: int) -> int:
+    """Windows per model call: on an accelerator 512 (256 for windows over 128 px), the batches the
+    GPU suite measured (BENCHMARKS.md: 80 px at 512, 299 px at 256); a smaller one leaves the device
+    waiting on launches. On a CPU 64: the model is the bottleneck there and memory stays small."""
+    if jax.default_backend() == "cpu":
+        return 64
+    return 512 if window <= 128 else 256
+
+
 def predict_slide(
     slide: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -30,7 +39,7 @@ def predict_slide(
     *,
     stride: int | None = None,
     tta: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -38,7 +47,7 @@ def predict_slide(
     "write"} for the summary (rate: windows per second of the prediction loop; the others: seconds).
 
     Levels, window and centre come from the checkpoint's configuration; `stride` defaults to the
-    window. With `tta` each window's probability is the mean over its 8 dihedral orientations. Memory
+    window, `batch_size` to `default_batch_size`. With `tta` each window's probability is the mean over its 8 dihedral orientations. Memory
     is the model plus a few batches plus the heatmap (coordinates and one float per tissue window).
     """
     from tqdm import tqdm
@@ -48,10 +57,11 @@ def predict_slide(
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
     run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
     stride = cfg.window if stride is None else int(stride)
+    batch_size = default_batch_size(cfg.window) if batch_size is None else int(batch_size)
 
     def open_loader() -> Loader:
         return Loader(

@@ -304,7 +304,12 @@ void Slide::read_argb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h,
 void Slide::read_rgb(int64_t x0, int64_t y0, int32_t lvl, int64_t w, int64_t h, uint8_t* dest,
                      int64_t row_stride) const {
   check_region(x0, y0, w, h);
-  thread_local std::vector<uint32_t> buf;
+  // Windows and blocks reuse this thread's buffer; a larger read (a whole level for the tissue mask)
+  // gets its own, freed on return, so the thread does not keep a level's worth of ARGB (75 MB).
+  constexpr int64_t kKeepPixels = int64_t{1} << 20;
+  thread_local std::vector<uint32_t> kept;
+  std::vector<uint32_t> once;
+  std::vector<uint32_t>& buf = w * h <= kKeepPixels ? kept : once;
   buf.resize(static_cast<size_t>(w * h));
   read_argb(x0, y0, lvl, w, h, buf.data());
   for (int64_t r = 0; r < h; ++r) argb_to_rgb(buf.data() + r * w, dest + r * row_stride, w);

@@ -181,6 +181,13 @@ const JpegTileLevel* Slide::jpeg_page(int32_t lvl) const {
   return jpeg_page_[lvl];
 }
 
+namespace {
+// A block wholly outside the level's tiles (the grid's edge windows reach past it): white.
+bool outside(const JpegTileLevel& page, int64_t bx, int64_t by) {
+  return bx < 0 || by < 0 || bx >= page.tiles_across() || by >= page.tiles_down();
+}
+}  // namespace
+
 bool Slide::jpeg_regions(int32_t lvl) const { return jpeg_page(lvl) && jpeg_regions_[lvl]; }
 
 void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size, int64_t x, int64_t y, int64_t w,
@@ -196,7 +203,7 @@ void Slide::read_block_region(int32_t lvl, int64_t bx, int64_t by, int64_t size,
     }
     return;
   }
-  if (bx < 0 || by < 0 || bx >= page->tiles_across() || by >= page->tiles_down()) {
+  if (outside(*page, bx, by)) {
     for (int64_t r = 0; r < h; ++r) std::memset(dest + r * row_stride, 255, static_cast<size_t>(w * 3));
     return;  // wholly outside the slide: white
   }
@@ -233,7 +240,7 @@ int32_t Slide::jpeg_tile_size(int32_t lvl) const {
 void Slide::read_block(int32_t lvl, int64_t bx, int64_t by, int64_t size, uint8_t* dest) const {
   const JpegTileLevel* page = jpeg_page(lvl);
   if (page && size == page->tile) {
-    if (bx < 0 || by < 0 || bx >= page->tiles_across() || by >= page->tiles_down()) {
+    if (outside(*page, bx, by)) {
       std::memset(dest, 255, static_cast<size_t>(size * size * 3));  // wholly outside the slide: white
     } else {
       jpeg_->read_tile(*page, bx, by, dest);

@@ -97,15 +97,17 @@ def test_exported_steps_compute_what_the_steps_do(run, tmp_path, monkeypatch):
     plain and the 8-orientation one); read back from the cache it gives what the jitted steps give."""
     pytest.importorskip("flatbuffers")
     from wsitile.training import exported
+    from wsitile.training.steps import Steps
 
     monkeypatch.setattr(exported, "cache_folder", lambda: tmp_path)
     cfg, steps, variables = train.load_for_inference(run / "run")
     images = np.random.default_rng(1).integers(0, 256, (3, len(cfg.levels), cfg.window, cfg.window, 3), np.uint8)
     for tta, direct in ((False, steps.predict_step), (True, steps.tta_step)):
         expected = np.asarray(steps.predict_async(variables, images, step=direct, pad_to=4))[:3]
-        for _ in range(2):  # exported, then read back
-            step = steps.compile_predict(variables, 4, tta=tta)
-            np.testing.assert_allclose(np.asarray(steps.predict_async(variables, images, step=step, pad_to=4))[:3],
+        for owner in (Steps(cfg), Steps(cfg)):  # exported, then read back (a new Steps: nothing kept in memory)
+            step = owner.compile_predict(variables, 4, tta=tta)
+            assert owner.compile_predict(variables, 4, tta=tta) is step  # the next slide's call: kept
+            np.testing.assert_allclose(np.asarray(owner.predict_async(variables, images, step=step, pad_to=4))[:3],
                                        expected, atol=1e-6)
     assert len(list(tmp_path.glob("*.exported"))) == 2
 

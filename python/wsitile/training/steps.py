@@ -113,6 +113,7 @@ class Steps:
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=self.batch_sharding,
         )
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # compile_predict's, by shapes
 
     @property
     def num_devices(self) -> int:
@@ -172,18 +173,24 @@ class Steps:
         as `step` to `predict_async`. `variables` may be abstract (`inference_target`), so this can run
         while the checkpoint is still being read. With JAX's persistent compilation cache on, the step
         is traced once per machine (kept as a `jax.export` artifact: `exported.exported_step`) and
-        compiled once (the compilation cache)."""
+        compiled once (the compilation cache). Kept for the process: the next slide's call with the
+        same shapes returns the same executable at once."""
         from .exported import exported_step
 
         images = jax.ShapeDtypeStruct((self._padded(batch_size), len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
                                       sharding=self.batch_sharding)
+        leaves, tree = jax.tree.flatten(variables)
+        key = (tta, images.shape, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+        if key in self._compiled:
+            return self._compiled[key]
         step = self.tta_step if tta else self.predict_step
         identity = json.dumps({"step": "tta" if tta else "predict", "config": self.cfg.to_json()}, sort_keys=True)
         exported = exported_step(step, (variables, images), identity)
         if exported is not None:
             step = jax.jit(exported.call, in_shardings=(self.replicated, self.batch_sharding),
                            out_shardings=self.batch_sharding)
-        return step.lower(variables, images).compile()
+        self._compiled[key] = step.lower(variables, images).compile()
+        return self._compiled[key]
 
     def predict_async(
         self, variables: dict[str, Any], images: np.ndarray, step: Callable | None = None, pad_to: int = 0

@@ -76,3 +76,15 @@ def test_no_cache_folder_or_unwritable(tmp_path, monkeypatch, caplog):
         exp = exported.exported_step(_step(), _args(), "double")
     assert "cannot keep the exported step" in caplog.text
     assert _run(exp).shape == (4,)
+
+
+def test_key_covers_the_model_sources():
+    """A changed model file must be another key, in a wheel and in an editable install alike."""
+    from pathlib import Path
+
+    import wsitile.models.inception_v3
+    import wsitile.training.steps
+
+    files = {path for _, path in exported.source_files()}
+    for module in (wsitile.models.inception_v3, wsitile.training.steps, exported):
+        assert Path(module.__file__).resolve() in files

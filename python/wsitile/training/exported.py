@@ -83,15 +83,25 @@ def _key(args: tuple, identity: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def source_files() -> list[tuple[str, Path]]:
+    """(name, path) of wsitile's Python sources, the model's included: one tree in a wheel, two
+    folders in an editable install (python/wsitile and models/), where the first alone would miss a
+    changed model. Names are relative, so two environments with the same sources share entries."""
+    from .. import models
+
+    roots = {Path(__file__).resolve().parent.parent, Path(models.__file__).resolve().parent}
+    return sorted({(f"{root.name}/{file.relative_to(root).as_posix()}", file)
+                   for root in roots for file in root.rglob("*.py")})
+
+
 @functools.cache
 def _versions() -> dict[str, str]:
     import flax
     import jaxlib
 
     sources = hashlib.sha256()
-    package = Path(__file__).resolve().parent.parent
-    for file in sorted(package.rglob("*.py")):
-        sources.update(file.relative_to(package).as_posix().encode())
+    for name, file in source_files():
+        sources.update(name.encode())
         sources.update(file.read_bytes())
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "wsitile": sources.hexdigest()}

@@ -77,7 +77,8 @@ def _thumbnail(slide) -> np.ndarray:  # noqa: ANN001 - wsitile.Slide
     """RGB of the finest level whose larger side is <= _THUMB_SIDE * 2 (else the coarsest level)."""
     dims = slide.level_dimensions
     level = next((lvl for lvl, (w, h) in enumerate(dims) if max(w, h) <= 2 * _THUMB_SIDE), len(dims) - 1)
-    return slide.read_level(level)
+    # One thread: a few dozen tiles, and predict reads it while the loader's threads have the cores.
+    return slide.read_level(level, threads=1)
 
 
 @dataclass(frozen=True)

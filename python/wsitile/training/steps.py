@@ -172,10 +172,10 @@ class Steps:
         """`predict_step` (`tta_step` with `tta`) compiled for batches padded to `batch_size`: pass it
         as `step` to `predict_async`. `variables` may be abstract (`inference_target`), so this can run
         while the checkpoint is still being read. With JAX's persistent compilation cache on, the step
-        is traced once per machine (kept as a `jax.export` artifact: `exported.exported_step`) and
+        is traced once per machine (kept as a `jax.export` artifact: `exported.compile_step`) and
         compiled once (the compilation cache). Kept for the process: the next slide's call with the
         same shapes returns the same executable at once."""
-        from .exported import exported_step
+        from .exported import compile_step
 
         images = jax.ShapeDtypeStruct((self._padded(batch_size), len(self.cfg.levels), self.cfg.window, self.cfg.window, 3), np.uint8,
                                       sharding=self.batch_sharding)
@@ -185,11 +185,9 @@ class Steps:
             return self._compiled[key]
         step = self.tta_step if tta else self.predict_step
         identity = json.dumps({"step": "tta" if tta else "predict", "config": self.cfg.to_json()}, sort_keys=True)
-        exported = exported_step(step, (variables, images), identity)
-        if exported is not None:
-            step = jax.jit(exported.call, in_shardings=(self.replicated, self.batch_sharding),
-                           out_shardings=self.batch_sharding)
-        self._compiled[key] = step.lower(variables, images).compile()
+        self._compiled[key] = compile_step(step, (variables, images), identity,
+                                           in_shardings=(self.replicated, self.batch_sharding),
+                                           out_shardings=self.batch_sharding)
         return self._compiled[key]
 
     def predict_async(

@@ -115,9 +115,10 @@ def test_exported_steps_compute_what_the_steps_do(run, tmp_path, monkeypatch):
 def test_default_batch_size_follows_the_device(monkeypatch):
     from wsitile import predict
 
-    assert predict.default_batch_size(80) == 64  # this CPU
+    assert (predict.default_batch_size(80), predict.default_batch_size(80, tta=True)) == (64, 8)  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert [predict.default_batch_size(w) for w in (80, 128, 129, 299)] == [512, 512, 256, 256]
+    assert [predict.default_batch_size(w, tta=True) for w in (80, 299)] == [64, 32]  # 8 orientations each
 
 
 def test_bad_input(run, tmp_path, capsys):

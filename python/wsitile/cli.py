@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, default=None, help="grid step (default: the window)")
     p.add_argument("--tta", action="store_true", help="average the 8 dihedral orientations")
     p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="windows per model call (default: 512 on a GPU, 256 for windows over 128 px; 64 on a CPU)")
+                   help="windows per model call (default: 512 on a GPU, 256 for windows over 128 px, "
+                        "64 on a CPU; an eighth of that with --tta)")
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("evaluate", help="window-level metrics of a heatmap against its tumour mask (seed table)")

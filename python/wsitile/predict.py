@@ -23,13 +23,14 @@ from .training.checkpoints import (
 from .training.steps import steps_for
 
 
-def default_batch_size(window: int) -> int:
+def default_batch_size(window: int, tta: bool = False) -> int:
     """Windows per model call: on an accelerator 512 (256 for windows over 128 px), the batches the
     GPU suite measured (BENCHMARKS.md: 80 px at 512, 299 px at 256); a smaller one leaves the device
-    waiting on launches. On a CPU 64: the model is the bottleneck there and memory stays small."""
-    if jax.default_backend() == "cpu":
-        return 64
-    return 512 if window <= 128 else 256
+    waiting on launches. On a CPU 64: the model is the bottleneck there and memory stays small. With
+    `tta` an eighth (at least 8): the model sees each window 8 times, so the device's work and memory
+    per call stay the same."""
+    base = 64 if jax.default_backend() == "cpu" else 512 if window <= 128 else 256
+    return max(8, base // 8) if tta else base
 
 
 def predict_slide(
@@ -47,8 +48,9 @@ def predict_slide(
     "write"} for the summary (rate: windows per second of the prediction loop; the others: seconds).
 
     Levels, window and centre come from the checkpoint's configuration; `stride` defaults to the
-    window, `batch_size` to `default_batch_size`. With `tta` each window's probability is the mean over its 8 dihedral orientations. Memory
-    is the model plus a few batches plus the heatmap (coordinates and one float per tissue window).
+    window, `batch_size` to `default_batch_size`. With `tta` each window's probability is the mean
+    over its 8 dihedral orientations. Memory is the model plus a few batches plus the heatmap
+    (coordinates and one float per tissue window).
     """
     from tqdm import tqdm
 
@@ -61,7 +63,7 @@ def predict_slide(
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
     run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
     stride = cfg.window if stride is None else int(stride)
-    batch_size = default_batch_size(cfg.window) if batch_size is None else int(batch_size)
+    batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
 
     def open_loader() -> Loader:
         return Loader(

@@ -92,6 +92,32 @@ def test_compiled_from_shapes_while_the_checkpoint_is_read(run, caplog):
     np.testing.assert_allclose(probs, steps.predict(fresh, images, pad_to=7), atol=1e-6)
 
 
+def test_checkpoint_config_and_shapes_start_no_backend(run):
+    """predict reads the config and shapes, opens the slide's grid and starts reading the arrays
+    before JAX's backend starts (CUDA's start then runs beside them): orbax's CheckpointManager
+    would start it. In a fresh process, since this one's backend is up."""
+    import subprocess
+    import sys
+
+    code = (
+        "from jax._src import xla_bridge\n"  # private, but the only way to ask
+        "from wsitile.training.checkpoints import checkpoint_config, read_checkpoint_meta, saved_shapes\n"
+        f"run_dir, step, cfg = checkpoint_config({str(run / 'run')!r})\n"
+        "shapes = saved_shapes(read_checkpoint_meta(run_dir, step))\n"
+        "assert shapes is not None and cfg.width == 0.125, (shapes, cfg)\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    run_dir, step, cfg = train.checkpoint_config(run / "run")
+    assert step == train.find_checkpoint(run / "run")[1] == 2  # fit's steps=2: the last one
+    shapes = train.saved_shapes(train.read_checkpoint_meta(run_dir, step))
+    host = train.read_model_arrays(run_dir, step, cfg, shapes)
+    _, placed = train.restore_for_inference(run_dir, step, cfg)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(placed), strict=True):
+        assert isinstance(a, np.ndarray)
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_exported_steps_compute_what_the_steps_do(run, tmp_path, monkeypatch):
     """With the compilation cache on, `compile_predict` compiles the step's jax.export artifact (the
     plain and the 8-orientation one); read back from the cache it gives what the jitted steps give."""

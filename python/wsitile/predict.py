@@ -18,7 +18,8 @@ from .training.checkpoints import (
     inference_target,
     mismatch_error,
     read_checkpoint_meta,
-    restore_for_inference,
+    read_model_arrays,
+    saved_shapes,
 )
 from .training.steps import steps_for
 
@@ -79,19 +80,25 @@ def predict_slide(
         )
 
     # The slide's tissue mask and grid (seconds on a Camelyon-size slide; NumPy and scipy release the
-    # GIL) and the checkpoint's arrays are read in threads while this one compiles the model from its
-    # shapes (or loads it from the compilation cache): no warm-up batch, and a read that waits on
-    # storage (a cluster's network disk) overlaps the compile. From a warm local disk the read and
-    # the trace are both GIL-bound Python and overlapping them gains nothing measurable (2026-12-01).
+    # GIL) and the checkpoint's arrays (as NumPy, from the shapes saved with it) are read in threads
+    # while this one starts JAX's backend (CUDA: a second or more; nothing before this line starts
+    # it) and compiles the model from those shapes (or loads it from the caches): no warm-up batch,
+    # and a read that waits on storage (a cluster's network disk) overlaps both. From a warm local
+    # disk the read and the trace are both GIL-bound Python and gain little from it (2026-12-01).
+    meta = read_checkpoint_meta(run_dir, ckpt_step)
+    shapes = saved_shapes(meta)
     pool = ThreadPoolExecutor(2, thread_name_prefix="wsitile-predict")
     pending_loader = pool.submit(open_loader)
-    pending_variables: Future | None = None
+    pending_arrays: Future | None = None
+    if shapes is not None:
+        pending_arrays = pool.submit(read_model_arrays, run_dir, ckpt_step, cfg, shapes)
     try:
         steps = steps_for(cfg)
-        target = inference_target(cfg, steps, read_checkpoint_meta(run_dir, ckpt_step))
-        pending_variables = pool.submit(restore_for_inference, run_dir, ckpt_step, cfg, target)
+        target = inference_target(cfg, steps, meta)
+        if pending_arrays is None:  # a checkpoint without saved shapes: they had to be traced first
+            pending_arrays = pool.submit(read_model_arrays, run_dir, ckpt_step, cfg, target)
         pool.shutdown(wait=False)
-        for pending in (pending_loader, pending_variables):
+        for pending in (pending_loader, pending_arrays):
             if pending.done():
                 pending.result()  # a slide or checkpoint that cannot be read fails before the compile
         # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
@@ -99,7 +106,7 @@ def predict_slide(
             step = steps.compile_predict(target, batch_size, tta=tta)
         except flax.errors.FlaxError as exc:  # the saved shapes do not fit this version's model
             raise mismatch_error(run_dir, ckpt_step, cfg, exc) from None
-        _, variables = pending_variables.result()
+        variables = jax.device_put(pending_arrays.result(), steps.replicated)  # one transfer
         loader = pending_loader.result()  # never empty: the Loader refuses a slide without tissue windows
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

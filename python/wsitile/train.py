@@ -33,9 +33,11 @@ from .training.checkpoints import (  # noqa: F401
     inference_target,
     load_for_inference,
     read_checkpoint_meta,
+    read_model_arrays,
     restore_checkpoint,
     restore_for_inference,
     save_checkpoint,
+    saved_shapes,
 )
 from .training.config import SEED_BOUNDARY, TrainConfig, build_model  # noqa: F401
 from .training.params import SEP, flat, init_variables, nested, trainable_paths  # noqa: F401

@@ -65,23 +65,19 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:
     run_dir = path.parent if path.name == "checkpoints" else path
     if not (run_dir / "checkpoints").is_dir():
         raise ValueError(f"{path}: not a wsitile run directory (no checkpoints/ folder)")
-    mngr = checkpoint_manager(run_dir)
-    try:
-        step = mngr.latest_step()
-    finally:
-        mngr.close()
-    if step is None:
+    # orbax's listing of finalized steps, as CheckpointManager.latest_step, but without a manager:
+    # that would start JAX's backend (its multi-host checks), which `predict` starts in parallel
+    # with the slide's grid instead (CUDA's start: a second or more on a GPU).
+    steps = ocp.utils.checkpoint_steps((run_dir / "checkpoints").absolute())
+    if not steps:
         raise ValueError(f"{path}: holds no complete checkpoint")
-    return run_dir, int(step)
+    return run_dir, int(max(steps))
 
 
 def read_checkpoint_meta(run_dir: Path, step: int) -> dict[str, Any]:
-    mngr = checkpoint_manager(run_dir)
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    finally:
-        mngr.close()
-    return dict(restored["meta"])
+    """The metadata saved with `step` (config, loader state, variable shapes); starts no JAX backend."""
+    folder = (run_dir / "checkpoints" / str(step) / "meta").absolute()
+    return dict(ocp.handlers.JsonCheckpointHandler().restore(folder))
 
 
 def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps) -> tuple[TrainState, dict]:
@@ -127,40 +123,54 @@ def checkpoint_config(checkpoint: str | os.PathLike[str]) -> tuple[Path, int, Tr
     return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
 
 
-def inference_target(cfg: TrainConfig, steps: Steps, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model's variables ({"params", "batch_stats"}) as jax.ShapeDtypeStruct placed like
-    `restore_for_inference`'s: what `Steps.compile_predict` needs to compile before the arrays are read.
+def saved_shapes(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's variables ({"params", "batch_stats"}) as jax.ShapeDtypeStruct, from the shapes saved
+    in a checkpoint's `meta` (milliseconds, no devices needed); None for a checkpoint written before
+    wsitile saved them."""
+    if "variables" not in meta:
+        return None
+    return nested({k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in meta["variables"].items()})
 
-    From the shapes saved in the checkpoint's `meta` when it has them (milliseconds; the compile's
-    trace of the model then checks that they fit it: catch flax.errors.FlaxError there), otherwise
-    traced from the model (about a second at full width)."""
-    if meta is not None and "variables" in meta:
-        return nested({k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=steps.replicated)
-                       for k, (shape, dtype) in meta["variables"].items()})
-    return _abstract_state(cfg, steps).variables()
+
+def inference_target(cfg: TrainConfig, steps: Steps, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's variables as jax.ShapeDtypeStruct placed like `restore_for_inference`'s: what
+    `Steps.compile_predict` needs to compile before the arrays are read.
+
+    From the shapes saved in the checkpoint's `meta` when it has them (the compile's trace of the
+    model then checks that they fit it: catch flax.errors.FlaxError there), otherwise traced from
+    the model (about a second at full width)."""
+    shapes = saved_shapes(meta) if meta is not None else None
+    if shapes is None:
+        return _abstract_state(cfg, steps).variables()
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=steps.replicated), shapes)
+
+
+def read_model_arrays(run_dir: Path, step: int, cfg: TrainConfig, shapes: dict[str, Any]) -> dict[str, Any]:
+    """The model's variables at `step` as NumPy arrays (`shapes`: `saved_shapes` or `inference_target`).
+    Only the model's arrays are read, not the optimiser's two per trainable parameter (a third of
+    the arrays: about 3 s less per `wsitile predict` at full width on a CPU); as NumPy, so they can be
+    read before the devices are up and placed in one transfer (orbax's per-array placement was ~40%
+    of its restore: 754 arrays at full width, 1.4 -> 0.8 s on a CPU, 2026-12-01)."""
+    params = flat(shapes["params"])
+    trainable = trainable_paths(shapes["params"], cfg.boundary)
+    wanted = {"trainable": {k: v for k, v in params.items() if k in trainable},
+              "frozen": {k: v for k, v in params.items() if k not in trainable},
+              "batch_stats": shapes["batch_stats"]}
+    host_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), wanted)
+    state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=host_args, partial_restore=True)))["state"]
+    return {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
 
 
 def restore_for_inference(
     run_dir: Path, step: int, cfg: TrainConfig, target: dict[str, Any] | None = None
 ) -> tuple[Steps, dict[str, Any]]:
-    """(steps, variables on the devices) of one checkpoint, ready for `Steps.predict`. Only the model's
-    arrays are read, not the optimiser's two per trainable parameter (a third of the arrays: about
-    3 s less per `wsitile predict` at full width on a CPU). `target`: `inference_target(cfg, steps)`,
-    when the caller already has it (tracing the model for it takes about a second)."""
+    """(steps, variables on the devices) of one checkpoint, ready for `Steps.predict`. `target`:
+    `inference_target(cfg, steps)`, when the caller already has it (tracing the model for it takes
+    about a second)."""
     steps = steps_for(cfg)
     target = inference_target(cfg, steps) if target is None else target
-    params = flat(target["params"])
-    trainable = trainable_paths(target["params"], cfg.boundary)
-    wanted = {"trainable": {k: v for k, v in params.items() if k in trainable},
-              "frozen": {k: v for k, v in params.items() if k not in trainable},
-              "batch_stats": target["batch_stats"]}
-    # Read as NumPy arrays and placed in one transfer: orbax's per-array device_put is ~40% of its
-    # restore (754 arrays at full width: 1.4 -> 0.8 s on a CPU, 2026-12-01).
-    host_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), wanted)
-    state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=host_args, partial_restore=True)))["state"]
-    variables = {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
-    return steps, jax.device_put(variables, steps.replicated)
+    return steps, jax.device_put(read_model_arrays(run_dir, step, cfg, target), steps.replicated)
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str]) -> tuple[TrainConfig, Steps, dict[str, Any]]:

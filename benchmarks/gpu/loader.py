@@ -102,16 +102,34 @@ def open_loader(slides, side: int, batch: int, threads: int, cache_mb: int, labe
                   augment=True, drop_last=True, cache_mb=cache_mb, seed=0, tile_regions=tile_regions)
 
 
+def busiest_mhz(cores: int) -> float | None:
+    """Mean clock of the `cores` fastest-running cores now (/proc/cpuinfo), None where it is not
+    given. Sampled while the loader's threads run: a clock that falls as threads are added (turbo
+    bins, AVX licences) makes each pair cost more CPU time without any sharing between threads.
+    (A VM may report a constant nominal clock: then equal figures say nothing.)"""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            clocks = sorted((float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz")), reverse=True)
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(clocks[:cores]) / min(cores, len(clocks)) if clocks else None
+
+
 class CpuClock:
     """The process's CPU time (every thread, user + system) and context switches over a block: CPU
     time per pair that grows with the thread count means each pair costs more (memory bandwidth,
-    shared cores, contended locks); flat CPU per pair with falling efficiency means threads idle."""
+    shared cores, contended locks, a lower clock: `busiest_mhz`, sampled at the block's end while
+    the threads still run); flat CPU per pair with falling efficiency means threads idle."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
 
     def __enter__(self) -> "CpuClock":
         self.r0, self.t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.mhz = busiest_mhz(self.threads)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         self.wall = time.perf_counter() - self.t0
         self.user, self.sys = r1.ru_utime - self.r0.ru_utime, r1.ru_stime - self.r0.ru_stime
@@ -119,8 +137,9 @@ class CpuClock:
 
     def per_pair(self, pairs: int) -> str:
         cpu = self.user + self.sys
+        clock = f", busiest {self.threads} cores at {self.mhz:,.0f} MHz" if self.mhz else ""
         return (f"CPU {1e3 * cpu / max(pairs, 1):.2f} ms/pair ({self.sys / max(cpu, 1e-9):.0%} system), "
-                f"{self.switches / max(pairs, 1):.2f} switches/pair")
+                f"{self.switches / max(pairs, 1):.2f} switches/pair{clock}")
 
 
 def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seconds: float,
@@ -131,7 +150,7 @@ def loader_rate(slides, side: int, batch: int, threads: int, cache_mb: int, seco
         it = forever(loader)
         next(it)
         n = 0
-        with CpuClock() as clock:
+        with CpuClock(threads) as clock:
             while time.perf_counter() - clock.t0 < seconds:
                 n += len(next(it)["labels"])
         return n / clock.wall, clock.per_pair(n)
@@ -179,7 +198,7 @@ def openslide_rate(slides, positions: np.ndarray, levels: list[int], window: int
                 n += 1
         return n
 
-    with CpuClock() as clock, ThreadPoolExecutor(threads) as pool:
+    with CpuClock(threads) as clock, ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(lambda _: worker(), range(threads)))
     elapsed = time.perf_counter() - start
     for h in handles:

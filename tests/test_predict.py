@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,44 @@ def test_heatmap_contract_and_tta(run, tmp_path, capsys):
     # probability must still land on its own window).
     np.testing.assert_allclose(probs[pick], steps.predict(variables, images), atol=2e-5)
     assert not np.allclose(tta, probs)
+
+
+def test_several_slides_in_one_run(run, tmp_path, capsys):
+    """`wsitile predict A B --out OUT`: OUT/A/ and OUT/B/, each what predicting that slide alone writes;
+    the model is read and compiled once."""
+    from wsitile.synth import write_slide
+
+    slides = [run / "tumor_001.tif", tmp_path / "normal_002.tif"]
+    write_slide(slides[1], 4096, seed=9, tumour=False)  # the fixture's normal_001 lacks level 3
+    ckpt = ["--checkpoint", str(run / "run"), "--batch-size", "16"]
+    assert main(["predict", *map(str, slides), *ckpt, "--out", str(tmp_path / "all")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert [Path(line.split()[1]).parent.name for line in lines] == ["tumor_001", "normal_002"]
+    for slide in slides:
+        assert main(["predict", str(slide), *ckpt, "--out", str(tmp_path / "one" / slide.stem)]) == 0
+        with np.load(tmp_path / "all" / slide.stem / "heatmap.npz", allow_pickle=False) as a, \
+             np.load(tmp_path / "one" / slide.stem / "heatmap.npz", allow_pickle=False) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert (tmp_path / "all" / slide.stem / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    # A slide that cannot be read stops the run naming it; the slides before it are complete.
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00" + bytes(100))
+    assert main(["predict", str(slides[0]), str(bad), *ckpt, "--out", str(tmp_path / "stopped")]) == 1
+    err = capsys.readouterr().err
+    assert "broken.tif" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "stopped" / "tumor_001" / "heatmap.png").exists()
+    assert not (tmp_path / "stopped" / "broken").exists()
+    # Two slides of the same name would share a folder: refused before anything runs.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "tumor_001.tif").write_bytes(slides[0].read_bytes())
+    assert main(["predict", str(slides[0]), str(twin / "tumor_001.tif"), *ckpt, "--out", str(tmp_path / "twins")]) == 1
+    err = capsys.readouterr().err
+    assert "two slides named 'tumor_001'" in err and not (tmp_path / "twins").exists()
 
 
 def test_compiled_from_shapes_while_the_checkpoint_is_read(run, caplog):

@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() (cluster "
                    "auto-detection); each process reads its share of the slides")
 
-    p = sub.add_parser("predict", help="tumour-probability heatmap of one slide from a trained checkpoint")
-    p.add_argument("slide", type=Path)
+    p = sub.add_parser("predict", help="tumour-probability heatmaps of slides from a trained checkpoint")
+    p.add_argument("slide", type=Path, nargs="+", help="one or more slides (the model is read and compiled once)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a `wsitile train` run directory")
-    p.add_argument("--out", type=Path, required=True, help="folder for heatmap.npz and heatmap.png")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for heatmap.npz and heatmap.png; with several slides, OUT/<slide name>/ for each")
     p.add_argument("--stride", type=_positive_int, default=None, help="grid step (default: the window)")
     p.add_argument("--tta", action="store_true", help="average the 8 dihedral orientations")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -287,16 +288,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     _need_train_extra("predict")
     _compile_cache()
-    from .predict import predict_slide
+    from .predict import predict_slides
 
-    if not args.slide.is_file():
-        raise FileNotFoundError(f"{args.slide}: no such slide")
-    counts = predict_slide(
-        args.slide, args.checkpoint, args.out, stride=args.stride, tta=args.tta, batch_size=args.batch_size,
-        threads=args.threads,
-    )
-    print(f"wrote {args.out / 'heatmap.npz'}: {counts['windows']:.0f} windows, {counts['rate']:.0f} windows/s "
-          f"(start {counts['start']:.1f} s, windows {counts['loop']:.1f} s, files {counts['write']:.1f} s)")
+    for slide in args.slide:
+        if not slide.is_file():
+            raise FileNotFoundError(f"{slide}: no such slide")
+    if len(args.slide) == 1:
+        outs = [args.out]
+    else:
+        names = [slide.stem for slide in args.slide]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{args.slide[names.index(twice[0])]}: two slides named {twice[0]!r} would share "
+                             f"{args.out / twice[0]}; predict them in separate runs")
+        outs = [args.out / name for name in names]
+
+    def report(i: int, counts: dict[str, float]) -> None:
+        print(f"wrote {outs[i] / 'heatmap.npz'}: {counts['windows']:.0f} windows, {counts['rate']:.0f} windows/s "
+              f"(start {counts['start']:.1f} s, windows {counts['loop']:.1f} s, files {counts['write']:.1f} s)",
+              flush=True)
+
+    predict_slides(args.slide, args.checkpoint, outs, stride=args.stride, tta=args.tta, batch_size=args.batch_size,
+                   threads=args.threads, on_slide=report)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: ANN001 - log(str)
     from .evaluate import evaluate_heatmap
     from .froc import run_froc
-    from .predict import predict_slide
+    from .predict import predict_slides
     from .synth import synth_dataset
     from .train import TrainConfig, checkpoint_manager, fit, read_manifest, split_by_slide
 
@@ -68,11 +68,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
     # The model of the best validation AUC (training stops at its time limit wherever it is).
     model_dir = run_dir / "best" if (run_dir / "best" / "checkpoints").is_dir() else run_dir
     log(f"[3/5] heatmaps of the {len(test_items)} held-out slides -> {pred_dir} (model: {model_dir})")
-    heatmaps = []
-    for slide, _ in test_items:
-        target = pred_dir / Path(slide).stem
-        predict_slide(slide, model_dir, target, threads=cfg.threads)
-        heatmaps.append(target / "heatmap.npz")
+    targets = [pred_dir / Path(slide).stem for slide, _ in test_items]
+    predict_slides([slide for slide, _ in test_items], model_dir, targets, threads=cfg.threads)
+    heatmaps = [target / "heatmap.npz" for target in targets]
 
     log("[4/5] window-level metrics on the held-out tumour slide, FROC and slide AUC over all held-out slides")
     tumour_slide, tumour_mask = next((s, m) for s, m in test_items if m)

@@ -6,6 +6,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -53,20 +54,43 @@ def predict_slide(
     over its 8 dihedral orientations. Memory is the model plus a few batches plus the heatmap
     (coordinates and one float per tissue window).
     """
+    return predict_slides([slide], checkpoint, [out_dir], stride=stride, tta=tta, batch_size=batch_size,
+                          threads=threads, progress=progress)[0]
+
+
+def predict_slides(
+    slides: Sequence[str | os.PathLike[str]],
+    checkpoint: str | os.PathLike[str],
+    out_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    stride: int | None = None,
+    tta: bool = False,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    on_slide: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """`predict_slide` for each slide into its folder (`out_dirs[i]`), with the model read and
+    compiled once, and each next slide's tissue grid built while the current one's windows are
+    predicted. `on_slide(i, summary)` is called as each slide's files are written; a slide that
+    cannot be read stops the run with its error, after the earlier slides' files are complete.
+    A slide's "start" is the wait for its grid and, for the first, the model's start."""
     from tqdm import tqdm
 
     from .heatmap import Heatmap, save_heatmap
     from .plots import heatmap_backdrop, save_heatmap_png
 
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    slides, folders = list(slides), [Path(d) for d in out_dirs]
+    if len(slides) != len(folders) or not slides:
+        raise ValueError(f"{len(slides)} slides for {len(folders)} output folders: give one folder per slide")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
     run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
     stride = cfg.window if stride is None else int(stride)
     batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
 
-    def open_loader() -> Loader:
+    def open_loader(slide: str | os.PathLike[str]) -> Loader:
         return Loader(
             [(slide, None)],
             levels=cfg.levels,
@@ -88,7 +112,7 @@ def predict_slide(
     meta = read_checkpoint_meta(run_dir, ckpt_step)
     shapes = saved_shapes(meta)
     pool = ThreadPoolExecutor(2, thread_name_prefix="wsitile-predict")
-    pending_loader = pool.submit(open_loader)
+    pending_loader: Future | None = pool.submit(open_loader, slides[0])
     pending_arrays: Future | None = None
     if shapes is not None:
         pending_arrays = pool.submit(read_model_arrays, run_dir, ckpt_step, cfg, shapes)
@@ -97,9 +121,8 @@ def predict_slide(
         target = inference_target(cfg, steps, meta)
         if pending_arrays is None:  # a checkpoint without saved shapes: they had to be traced first
             pending_arrays = pool.submit(read_model_arrays, run_dir, ckpt_step, cfg, target)
-        pool.shutdown(wait=False)
         for pending in (pending_loader, pending_arrays):
-            if pending.done():
+            if pending is not None and pending.done():
                 pending.result()  # a slide or checkpoint that cannot be read fails before the compile
         # Compile now, not inside the loop: the loop's rate is then the model's and the loader's.
         try:
@@ -107,47 +130,56 @@ def predict_slide(
         except flax.errors.FlaxError as exc:  # the saved shapes do not fit this version's model
             raise mismatch_error(run_dir, ckpt_step, cfg, exc) from None
         variables = jax.device_put(pending_arrays.result(), steps.replicated)  # one transfer
-        loader = pending_loader.result()  # never empty: the Loader refuses a slide without tissue windows
-    except BaseException:
+
+        summaries: list[dict[str, float]] = []
+        for i, (slide, out_dir) in enumerate(zip(slides, folders)):
+            assert pending_loader is not None
+            loader, pending_loader = pending_loader.result(), None  # never empty: the Loader refuses a
+            # slide without tissue windows
+            grid = loader.grids[0]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probs = np.empty(len(grid), np.float32)
+            start = time.perf_counter()
+            # The next slide's grid, and this one's picture backdrop (thumbnail, matplotlib's import:
+            # ~0.7 s), while the windows are predicted: the loop's host side is the loader's C++
+            # threads and waits on the device, which leave the GIL free.
+            if i + 1 < len(slides):
+                pending_loader = pool.submit(open_loader, slides[i + 1])
+            backdrop = pool.submit(heatmap_backdrop, slide)
+            with loader, tqdm(total=len(grid), unit="win", desc="predict", disable=not progress or None) as bar:
+                in_flight: tuple[np.ndarray, jax.Array] | None = None
+                for batch in loader:  # grid order: sample_index runs 0..N-1
+                    dispatched = (batch["sample_index"], steps.predict_async(variables, batch["images"], step=step,
+                                                                             pad_to=batch_size))
+                    if in_flight is not None:  # read the previous batch once this one is queued on the device
+                        bar.update(_collect(in_flight, probs))
+                    in_flight = dispatched
+                if in_flight is not None:
+                    bar.update(_collect(in_flight, probs))
+            loop = time.perf_counter() - start
+
+            heatmap = Heatmap(
+                coords=grid.coords,
+                probs=probs,
+                levels=np.asarray(cfg.levels, np.int64),
+                window=cfg.window,
+                center=cfg.center,
+                stride=stride,
+                grid_shape=grid.grid_shape,
+                slide=os.path.abspath(slide),
+            )
+            save_heatmap(out_dir / "heatmap.npz", heatmap)
+            save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
+            summaries.append({"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9),
+                              "start": start - t0, "loop": loop, "write": time.perf_counter() - start - loop})
+            if on_slide is not None:
+                on_slide(i, summaries[-1])
+            t0 = time.perf_counter()  # the next slide's start: the wait for its grid
+        return summaries
+    finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        pending_loader.add_done_callback(_close_loader)
-        raise
-    grid = loader.grids[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    probs = np.empty(len(grid), np.float32)
-    start = time.perf_counter()
-    # The picture's thumbnail and matplotlib's import (~0.7 s) while the windows are predicted: the
-    # loop's host side is the loader's C++ threads and waits on the device, which leave the GIL free.
-    backdrop_pool = ThreadPoolExecutor(1, thread_name_prefix="wsitile-backdrop")
-    backdrop = backdrop_pool.submit(heatmap_backdrop, slide)
-    backdrop_pool.shutdown(wait=False)
-    with loader, tqdm(total=len(grid), unit="win", desc="predict", disable=not progress or None) as bar:
-        in_flight: tuple[np.ndarray, jax.Array] | None = None
-        for batch in loader:  # grid order: sample_index runs 0..N-1
-            dispatched = (batch["sample_index"], steps.predict_async(variables, batch["images"], step=step,
-                                                                     pad_to=batch_size))
-            if in_flight is not None:  # read the previous batch once this one is queued on the device
-                bar.update(_collect(in_flight, probs))
-            in_flight = dispatched
-        if in_flight is not None:
-            bar.update(_collect(in_flight, probs))
-    loop = time.perf_counter() - start
-
-    heatmap = Heatmap(
-        coords=grid.coords,
-        probs=probs,
-        levels=np.asarray(cfg.levels, np.int64),
-        window=cfg.window,
-        center=cfg.center,
-        stride=stride,
-        grid_shape=grid.grid_shape,
-        slide=os.path.abspath(slide),
-    )
-    save_heatmap(out_dir / "heatmap.npz", heatmap)
-    save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
-    return {"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9), "start": start - t0, "loop": loop,
-            "write": time.perf_counter() - start - loop}
+        if pending_loader is not None:  # a grid opened for a slide never reached (an error before it)
+            pending_loader.add_done_callback(_close_loader)
 
 
 def _collect(in_flight: tuple[np.ndarray, jax.Array], probs: np.ndarray) -> int:

@@ -145,3 +145,20 @@ def test_key_covers_the_model_sources():
     files = {path for _, path in exported.source_files()}
     for module in (wsitile.models.inception_v3, wsitile.training.steps, exported):
         assert Path(module.__file__).resolve() in files
+
+
+def test_a_folder_it_cannot_change_is_still_read_around(folder, monkeypatch, caplog):
+    """An entry it cannot read nor delete (a shared, read-only cache): the step still compiles."""
+    exported.compile_step(_step(), _args(), "double")
+
+    def refuse(self, missing_ok=False):  # noqa: ANN001
+        raise PermissionError(13, "Permission denied", str(self))
+
+    def garbled(blob):  # noqa: ANN001
+        raise ValueError("not an exported step")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    monkeypatch.setattr(jax.export, "deserialize", garbled)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_allclose(_run(exported.compile_step(_step(), _args(), "double")), EXPECTED)
+    assert "unreadable exported step" in caplog.text

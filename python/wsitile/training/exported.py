@@ -60,7 +60,7 @@ def compile_step(step: jax.stages.Wrapped, args: tuple, identity: str, **jit_kwa
             return jax.jit(exported.call, **jit_kwargs).lower(*args).compile()
         except Exception as exc:  # noqa: BLE001 - e.g. a damaged module inside a readable file
             log.warning("%s: exported step does not compile, tracing again (%s)", path, str(exc)[:200])
-            path.unlink(missing_ok=True)
+            _forget(path)
     try:
         exported = jax.export.export(step)(*args)
     except Exception as exc:  # noqa: BLE001 - the plain step below raises the trace's own errors
@@ -79,7 +79,7 @@ def _read(path: Path, args: tuple) -> jax.export.Exported | None:
         return None
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a miss, not an error
         log.warning("%s: unreadable exported step, tracing again (%s)", path, str(exc)[:200])
-        path.unlink(missing_ok=True)
+        _forget(path)
         return None
     if _avals(exported.in_avals) != _avals(jax.tree.leaves(args)):  # a hash collision, in principle
         return None
@@ -99,6 +99,13 @@ def _write(path: Path, exported: jax.export.Exported) -> None:
             old.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("%s: cannot keep the exported step (%s)", path, exc)
+
+
+def _forget(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a folder this process may read but not change: the rewrite will say so
+        pass
 
 
 def _avals(avals: Any) -> list[tuple[tuple[int, ...], str]]:

@@ -17,11 +17,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .heatmap import Heatmap, base_downsample, grid_image
 from .masks import atomic_write
+
+if TYPE_CHECKING:
+    from .slide import Slide
 
 __all__ = [
     "Backdrop",
@@ -83,11 +87,14 @@ def _thumbnail(slide) -> np.ndarray:  # noqa: ANN001 - wsitile.Slide
 
 @dataclass(frozen=True)
 class Backdrop:
-    """What `save_heatmap_png` draws the heatmap over: the slide's thumbnail and geometry."""
+    """What `save_heatmap_png` draws the heatmap over: the opened slide and its thumbnail."""
 
+    slide: Slide
     thumbnail: np.ndarray
-    dimensions: tuple[int, int]
-    level_downsamples: tuple[float, ...]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.slide.dimensions
 
 
 def heatmap_backdrop(slide_path: str | os.PathLike[str]) -> Backdrop:
@@ -100,7 +107,7 @@ def heatmap_backdrop(slide_path: str | os.PathLike[str]) -> Backdrop:
     from .slide import Slide
 
     slide = Slide(slide_path)
-    return Backdrop(_thumbnail(slide), slide.dimensions, tuple(float(d) for d in slide.level_downsamples))
+    return Backdrop(slide, _thumbnail(slide))
 
 
 def save_heatmap_png(
@@ -114,10 +121,8 @@ def save_heatmap_png(
     `backdrop`: `heatmap_backdrop(slide_path)`, when the caller prepared it."""
     backdrop = heatmap_backdrop(slide_path) if backdrop is None else backdrop
     level = int(heatmap.levels[0])
-    if not 0 <= level < len(backdrop.level_downsamples):
-        raise ValueError(f"{slide_path}: level {level} out of range "
-                         f"(the slide has levels 0..{len(backdrop.level_downsamples) - 1})")
-    d0 = backdrop.level_downsamples[level]
+    backdrop.slide.check_level(level)
+    d0 = float(backdrop.slide.level_downsamples[level])
     image = grid_image(heatmap, d0)
     width, height = backdrop.dimensions
     fig = _figure(*_figsize(width, height))

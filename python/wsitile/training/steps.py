@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .config import TrainConfig, build_model
 from .params import flat, init_variables, nested, trainable_paths
 
+
 def dihedral(images: jax.Array) -> jax.Array:
     """(N, T, H, W, 3) -> (8N, T, H, W, 3): the 8 orientations (4 rotations, with and without a flip)
     of every sample, both towers turned together, orientation-major."""

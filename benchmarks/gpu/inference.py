@@ -203,6 +203,10 @@ def predict(slide: Path, checkpoint: Path, out: Path, batch: int, stride: int | 
             **({"start": float(phases[-1][0]), "files": float(phases[-1][2])} if phases else {})}
 
 
+# Runs in the order they go (and are dropped from the end when the budget is short).
+RUNS = ("cold", "warm", "liu", "tta", "three", "liu-tta")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU check: 2x2 mosaic of a 2,048 px slide, width 0.25")
@@ -212,6 +216,8 @@ def main() -> None:
     p.add_argument("--mosaic", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"), help="default 6 12; smoke 2 2")
     p.add_argument("--tissue", type=float, default=0.25, help="tissue share to aim for (default 0.25)")
     p.add_argument("--liu-tta", action="store_true", help="also Liu et al.'s settings with --tta (8x the work)")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=[r for r in RUNS if r != "liu-tta"],
+                   help="which runs, always in this order (default all but liu-tta); `warm` is warm only after `cold`")
     p.add_argument("--batch", type=int, nargs=2, default=None, metavar=("SEED", "LIU"),
                    help="predict batch sizes (default 512 256; smoke 16 4)")
     args = p.parse_args()
@@ -220,6 +226,7 @@ def main() -> None:
     rows, cols = args.mosaic or ((2, 2) if smoke else (6, 12))
     b_seed, b_liu = args.batch or ((16, 4) if smoke else (512, 256))
     width = 0.25 if smoke else 1.0
+    wanted = set(args.runs) | ({"liu-tta"} if args.liu_tta else set())
     budget = Budget(args.budget)
     print(f"inference: {card()}; budget {args.budget:.0f} s", flush=True)
 
@@ -253,20 +260,22 @@ def main() -> None:
 
     t1 = time.perf_counter()
     ck_seed, ck_liu = args.work / f"ckpt_seed_w{width:g}", args.work / f"ckpt_liu_w{width:g}"
-    make_checkpoint(ck_seed, SEED, width)
-    make_checkpoint(ck_liu, LIU, width)
+    if wanted & {"cold", "warm", "tta", "three"}:
+        make_checkpoint(ck_seed, SEED, width)
+    if wanted & {"liu", "liu-tta"}:
+        make_checkpoint(ck_liu, LIU, width)
     print(f"[checkpoints] ready in {time.perf_counter() - t1:.0f} s", flush=True)
 
-    # name, checkpoint, batch, stride, tta, target s/slide, slides in the process
-    runs: list[tuple[str, Path, int, int | None, bool, float | None, int]] = [
-        ("seed: 80 px, levels 2+3, stride 80; compile cache empty", ck_seed, b_seed, None, False, 10.0, 1),
-        ("seed, next slide: compile cache filled", ck_seed, b_seed, None, False, 10.0, 1),
-        ("Liu: 299 px, levels 0+1, stride 128", ck_liu, b_liu, LIU["stride"], False, 120.0, 1),
-        ("seed + 8-way TTA", ck_seed, b_seed, None, True, None, 1),
-        ("seed, 3 slides in one process (s/slide: its third)", ck_seed, b_seed, None, False, 10.0, 3),
-    ]
-    if args.liu_tta:
-        runs.append(("Liu + 8-way TTA", ck_liu, b_liu, LIU["stride"], True, None, 1))
+    # key: name, checkpoint, batch, stride, tta, target s/slide, slides in the process
+    every: dict[str, tuple[str, Path, int, int | None, bool, float | None, int]] = {
+        "cold": ("seed: 80 px, levels 2+3, stride 80; compile cache empty", ck_seed, b_seed, None, False, 10.0, 1),
+        "warm": ("seed, next slide: compile cache filled", ck_seed, b_seed, None, False, 10.0, 1),
+        "liu": ("Liu: 299 px, levels 0+1, stride 128", ck_liu, b_liu, LIU["stride"], False, 120.0, 1),
+        "tta": ("seed + 8-way TTA", ck_seed, b_seed, None, True, None, 1),
+        "three": ("seed, 3 slides in one process (s/slide: its third)", ck_seed, b_seed, None, False, 10.0, 3),
+        "liu-tta": ("Liu + 8-way TTA", ck_liu, b_liu, LIU["stride"], True, None, 1),
+    }
+    runs = [every[k] for k in RUNS if k in wanted]
     results: list[tuple[str, int, float | None, dict[str, Any]]] = []
     for i, (name, ck, batch, stride, tta, target, copies) in enumerate(runs):
         left = budget.left() - 5

@@ -87,7 +87,7 @@ def bad_inputs(tumour_slide, normal_slide, tmp_path):
         "window larger than level": (["extract", slide, "--levels", 4, "--window", 600], "window 600"),
         "center > window": (["extract", slide, "--center", 90], "center 90"),
         "stride < 1": (["extract", slide, "--stride", 0], "stride 0"),
-        "threads < 1": (["extract", slide, "--threads", 0], "threads 0"),
+        "threads < 1": (["extract", slide, "--threads", 0], "--threads: 0 is not >= 1"),
         "mask size mismatch": (["extract", slide, "--mask", normal_slide], "8192x8192"),
         "malformed xml": (["extract", slide, "--mask", bad_xml], "bad.xml"),
         "missing mask": (["extract", slide, "--mask", tmp_path / "nomask.tif"], "nomask.tif"),

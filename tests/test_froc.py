@@ -216,6 +216,28 @@ def test_candidates_local_maxima_and_nms(radius, expected):
     assert np.all(np.diff(probs) <= 0) and probs.min() >= 0.5
 
 
+@pytest.mark.parametrize("radius", [1.5, 3, 7.9, 12])
+def test_wide_radius_nms_equals_the_disc(monkeypatch, radius):
+    """Radii past the disc stencil's limit check distances to the kept candidates: the same rule, so
+    with the limit lowered both ways agree on random heatmaps; an infinite radius keeps the maximum."""
+    import wsitile.froc as froc
+
+    rng = np.random.default_rng(int(radius * 10))
+    for _ in range(5):
+        img = rng.random((40, 57))
+        img[rng.random(img.shape) < 0.1] = np.nan
+        disc = candidates(img, radius=radius)
+        monkeypatch.setattr(froc, "_DISC_RADIUS", 0.5)
+        wide = candidates(img, radius=radius)
+        monkeypatch.undo()
+        assert len(disc[0]) > 1
+        for a, b in zip(disc, wide):
+            np.testing.assert_array_equal(a, b)
+    rows, cols, probs = candidates(img, radius=float("inf"))
+    assert len(rows) == 1 and probs[0] == np.nanmax(img)
+    assert len(candidates(img, radius=1e5)[0]) == 1  # no 1e5-cell stencil
+
+
 def test_detections_at_window_centres_and_csv(tmp_path):
     img = peaks_image()
     rows, cols = np.nonzero(~np.isnan(img))

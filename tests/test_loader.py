@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import openslide
@@ -464,6 +465,78 @@ def test_close_mid_epoch_with_pending_work(tumour):
     loader.close()  # prefetched batches are being cut: must stop, not hang or crash
     with pytest.raises(RuntimeError):
         next(it)
+
+
+# ---- several consumers, fork -------------------------------------------------------------------
+
+
+def test_two_threads_iterating_one_loader_share_its_batches(tumour):
+    """Each batch goes to exactly one consumer thread: over 6 epochs every window arrives 6 times,
+    with the pixels the single-consumer loader gives it (this crashed: both threads popped one batch)."""
+    import threading
+
+    ref = {int(i): img for b in take(wsitile.Loader([tumour], shuffle=False, batch_size=3, threads=2))
+           for i, img in zip(b["sample_index"], b["images"])}
+    loader = wsitile.Loader([tumour], shuffle=True, batch_size=3, threads=2)
+    got: list[list[dict]] = [[], []]
+    errors: list[BaseException] = []
+
+    def consume(k: int) -> None:
+        try:
+            for _ in range(3):
+                got[k].extend(loader)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    batches = got[0] + got[1]
+    assert got[0] and got[1]
+    seen = np.concatenate([b["sample_index"] for b in batches])
+    np.testing.assert_array_equal(np.bincount(seen, minlength=len(ref)), np.full(len(ref), 6))
+    for b in batches:
+        for i, img in zip(b["sample_index"], b["images"]):
+            np.testing.assert_array_equal(img, ref[int(i)])
+    loader.close()
+
+
+def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
+    """The worker threads do not survive fork(): the child's next() and close() must not wait for them."""
+    loader = wsitile.Loader([tumour], batch_size=4, threads=2)
+    take(loader, 1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's pytest teardown
+        code = 1
+        try:
+            try:
+                next(iter(loader))
+                msg = "no error"
+            except RuntimeError as e:
+                msg = str(e)
+            loader.close()  # nothing to join here: must return
+            del loader
+            os.write(w, msg.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung or crashed"
+    assert f"made in process {os.getpid()}" in msg and "forked" in msg, msg
+    assert len(take(loader, 1)[0]["labels"]) == 4  # the parent's loader still works
+    loader.close()
 
 
 # ---- bad input --------------------------------------------------------------------------------

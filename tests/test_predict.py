@@ -88,14 +88,29 @@ def test_several_slides_in_one_run(run, tmp_path, capsys):
         assert (tmp_path / "all" / slide.stem / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 
-    # A slide that cannot be read stops the run naming it; the slides before it are complete.
+    # A slide that cannot be opened stops the run naming it, before any slide is predicted.
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"II*\x00" + bytes(100))
-    assert main(["predict", str(slides[0]), str(bad), *ckpt, "--out", str(tmp_path / "stopped")]) == 1
+    assert main(["predict", str(slides[0]), str(bad), *ckpt, "--out", str(tmp_path / "early")]) == 1
     err = capsys.readouterr().err
     assert "broken.tif" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "early").exists()
+    # One that fails while it is read (level 2's tiles are garbage): the slides before it are complete.
+    import tifffile
+
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(slides[1].read_bytes())
+    with tifffile.TiffFile(corrupt) as tf:
+        spans = list(zip(tf.pages[2].dataoffsets, tf.pages[2].databytecounts))
+    with open(corrupt, "r+b") as fh:
+        for offset, count in spans:
+            fh.seek(offset)
+            fh.write(np.random.default_rng(0).integers(0, 256, size=count, dtype=np.uint8).tobytes())
+    assert main(["predict", str(slides[0]), str(corrupt), *ckpt, "--out", str(tmp_path / "stopped")]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt.tif" in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "stopped" / "tumor_001" / "heatmap.png").exists()
-    assert not (tmp_path / "stopped" / "broken").exists()
+    assert not (tmp_path / "stopped" / "corrupt" / "heatmap.npz").exists()
     # Two slides of the same name would share a folder: refused before anything runs.
     twin = tmp_path / "twin"
     twin.mkdir()

@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include <unistd.h>
+
 #include "wsitile/parallel.hpp"
 #include "wsitile/rng.hpp"
 
@@ -58,7 +60,7 @@ TowerPlacement place_tower(int64_t x, int64_t y, int64_t window, double d0, doub
 
 Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples, LoaderConfig cfg,
                std::vector<std::shared_ptr<const JpegTileLayout>> jpeg_tiles)
-    : cfg_(std::move(cfg)), samples_(std::move(samples)) {
+    : cfg_(std::move(cfg)), samples_(std::move(samples)), pid_(::getpid()) {
   if (!jpeg_tiles.empty() && jpeg_tiles.size() != slide_paths.size()) {
     throw std::invalid_argument("jpeg_tiles: one layout (or none) per slide is needed");
   }
@@ -149,9 +151,34 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
   for (int t = 0; t < cfg_.threads; ++t) workers_.emplace_back([this] { worker_loop(); });
 }
 
-Loader::~Loader() { close(); }
+Loader::~Loader() {
+  if (::getpid() != pid_) {
+    leak_after_fork();
+    return;
+  }
+  close();
+}
+
+void Loader::leak_after_fork() {
+  struct Leaked {
+    std::unique_ptr<Sync> sync;
+    std::vector<std::thread> workers;
+    std::deque<std::function<void()>> tasks;
+    std::deque<std::shared_ptr<Pending>> pending;
+    std::vector<std::unique_ptr<SlideSlot>> slides;
+    std::shared_ptr<TileCache> cache;
+    std::unique_ptr<BlockCache> blocks;
+  };
+  stopping_ = true;
+  new Leaked{std::move(sync_), std::move(workers_), std::move(tasks_), std::move(pending_),
+             std::move(slides_), std::move(cache_), std::move(blocks_)};
+}
 
 void Loader::close() {
+  if (::getpid() != pid_) {  // a forked child's copy: no worker to stop or join, mu_ perhaps held for ever
+    leak_after_fork();
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ && workers_.empty()) return;
@@ -174,7 +201,15 @@ int64_t Loader::epoch_end() const {
   return cfg_.drop_last ? (samples_.size() / cfg_.batch_size) * cfg_.batch_size : samples_.size();
 }
 
+void Loader::check_process() const {
+  if (::getpid() == pid_) return;
+  throw std::runtime_error("this Loader was made in process " + std::to_string(pid_) +
+                           " and cannot be used in a process forked from it (its worker threads do not exist here): "
+                           "make the Loader in this process (multiprocessing: the 'spawn' or 'forkserver' start method)");
+}
+
 LoaderState Loader::state() const {
+  check_process();
   std::lock_guard<std::mutex> lock(mu_);
   return state_;
 }
@@ -186,6 +221,7 @@ void Loader::set_state(const LoaderState& s) {
         << samples_.size() << " samples)";
     throw std::invalid_argument(msg.str());
   }
+  check_process();
   std::lock_guard<std::mutex> lock(mu_);
   drop_pipeline_locked();
   state_ = s;
@@ -252,6 +288,7 @@ void Loader::drop_pipeline_locked() {
   // queued for it are discarded.
   tasks_.clear();
   pending_.clear();
+  done_cv_.notify_all();  // a consumer waiting on a dropped batch starts over
 }
 
 void Loader::fill_pipeline_locked() {
@@ -548,6 +585,7 @@ void Loader::choose_block_policy() {
 }
 
 bool Loader::wait(std::chrono::milliseconds timeout) {
+  check_process();
   std::unique_lock<std::mutex> lock(mu_);
   if (stopping_) throw std::runtime_error("loader is closed");
   check_slides_unchanged_locked();
@@ -558,18 +596,25 @@ bool Loader::wait(std::chrono::milliseconds timeout) {
 }
 
 std::optional<Batch> Loader::take() {
+  check_process();
   std::unique_lock<std::mutex> lock(mu_);
-  if (stopping_) throw std::runtime_error("loader is closed");
-  check_slides_unchanged_locked();
-  fill_pipeline_locked();
-  if (pending_.empty()) {  // the epoch is over: the next call starts the next one
-    state_.epoch += 1;
-    start_epoch_locked();
-    return std::nullopt;
+  std::shared_ptr<Pending> front;
+  for (;;) {
+    if (stopping_) throw std::runtime_error("loader is closed");
+    check_slides_unchanged_locked();
+    fill_pipeline_locked();
+    if (pending_.empty()) {  // the epoch is over: the next call starts the next one
+      state_.epoch += 1;
+      start_epoch_locked();
+      return std::nullopt;
+    }
+    front = pending_.front();
+    // Another consumer thread may take this batch (or drop the pipeline) while this one waits: then
+    // start over with the new front rather than pop a batch that is not this one's.
+    done_cv_.wait(lock, [&] { return stopping_ || front->done() || pending_.empty() || pending_.front() != front; });
+    if (stopping_) throw std::runtime_error("loader is closed");
+    if (!pending_.empty() && pending_.front() == front) break;
   }
-  auto front = pending_.front();
-  done_cv_.wait(lock, [&] { return stopping_ || front->done(); });
-  if (stopping_) throw std::runtime_error("loader is closed");
   if (front->error) {
     drop_pipeline_locked();  // a retry starts again at the failed batch
     scheduled_ = state_.index;
@@ -579,6 +624,7 @@ std::optional<Batch> Loader::take() {
     std::rethrow_exception(error);
   }
   pending_.pop_front();
+  done_cv_.notify_all();  // another consumer waiting on this batch moves on to the next
   state_.index = front->start + front->count;
   fill_pipeline_locked();
   lock.unlock();

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+import typing
 from typing import Sequence
 
 import numpy as np
@@ -27,16 +28,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"{value} is not <= 1024")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), as every other error here, not the
+    usage block: `wsitile CMD --help` shows that."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="tower levels, finest first")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window side in pixels")
     p.add_argument("--center", type=int, default=DEFAULT_CENTER, help="centre square side used for labels")
     p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="grid step in base-level pixels")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="worker threads (default: available cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsitile", description="Sliding-window extraction from whole-slide images.")
+    parser = _Parser(prog="wsitile", description="Sliding-window extraction from whole-slide images.")
     parser.add_argument("--version", action="version", version=f"wsitile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -65,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_args(p)
     p.add_argument("--tissue-threshold", type=float, default=DEFAULT_TISSUE_THRESHOLD)
     p.add_argument("--weights", type=Path, default=None, help="Keras ImageNet HDF5 (..._notop.h5); default: random init")
-    p.add_argument("--width", type=float, default=1.0, help="InceptionV3 width multiplier (0.25: small CPU model)")
+    p.add_argument("--width", type=_positive_float, default=1.0, help="InceptionV3 width multiplier (0.25: small CPU model)")
     p.add_argument("--fine-tune-from", type=int, default=None, help="Keras layer index from which layers train "
                    "(default: 150 with --weights, else 0)")
     p.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop")
@@ -73,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--steps", type=_positive_int, default=None, help="stop at this optimiser step")
     p.add_argument("--epochs", type=_positive_int, default=None)
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--time-limit", type=_positive_float, default=None, help="stop after this many seconds")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of slides held out for validation")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
@@ -92,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="windows per model call (default: 512 on a GPU, 256 for windows over 128 px, "
                         "64 on a CPU; an eighth of that with --tta)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_threads, default=None)
 
     p = sub.add_parser("evaluate", help="window-level metrics of a heatmap against its tumour mask (seed table)")
     p.add_argument("heatmap", type=Path, help="heatmap.npz written by `wsitile predict`")
     p.add_argument("--mask", type=Path, required=True, help="tumour mask TIFF or ASAP XML of the heatmap's slide")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, roc.png, heatmap_vs_truth.png")
-    p.add_argument("--threads", type=int, default=None, help="labelling threads (default: available cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="labelling threads (default: available cores)")
 
     p = sub.add_parser("froc", help="Camelyon16 lesion FROC and slide AUC of heatmaps, with the challenge's CSVs")
     p.add_argument("heatmaps", type=Path, nargs="+", metavar="HEATMAP", help="heatmap.npz files, one per slide")
@@ -113,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides", type=int, default=6)
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-seconds", type=float, default=240.0)
+    p.add_argument("--train-seconds", type=_positive_float, default=240.0)
     p.add_argument("--full", action="store_true", help="the full-width InceptionV3 (for a GPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_threads, default=None)
     return parser
 
 
@@ -158,6 +181,9 @@ def extract(
         raise ValueError(f"{out}: the output must be a .npz file")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output folder does not exist")
+    for given in (slide, mask):
+        if given is not None and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise ValueError(f"{out}: the output is an input file ({given}); choose another --out")
     loader = Loader(
         [(slide, mask)],
         levels=levels,
@@ -180,7 +206,14 @@ def extract(
         "grid_shape": np.asarray(grid.grid_shape, dtype=np.int64),
     }
     if save_images:
-        images = np.empty((len(grid), len(grid.levels), window, window, 3), dtype=np.uint8)
+        shape = (len(grid), len(grid.levels), window, window, 3)
+        need, free = float(np.prod(shape, dtype=np.float64)), _available_memory()
+        if free is not None and need > free:  # np.empty would not fail: the copies below would, in the OOM killer
+            loader.close()
+            raise MemoryError(f"--save-images: the {len(grid):,} windows' images need {need / 2**30:,.1f} GiB, more than "
+                              f"the {free / 2**30:,.1f} GiB of memory available; use a larger --stride, fewer "
+                              "--levels, or wsitile.Loader to stream them")
+        images = np.empty(shape, dtype=np.uint8)
         start = time.perf_counter()
         with loader, tqdm(total=len(grid), unit="win", desc="extract", disable=quiet or None) as bar:
             pos = 0
@@ -196,6 +229,18 @@ def extract(
         rate = float("nan")
     atomic_write(out, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
     return {"windows": len(grid), "tumour": int(grid.labels.sum()), "rate": rate}
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says are available for a new allocation (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -335,8 +380,8 @@ COMMANDS = {
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
 
 
@@ -359,15 +404,22 @@ def cmd_froc(args: argparse.Namespace) -> None:
 COMMANDS.update(evaluate=cmd_evaluate, froc=cmd_froc)
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"wsitile {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, TypeError, FloatingPointError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, ArithmeticError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the library said
         print(f"wsitile {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except MemoryError as exc:  # NumPy's says what it could not allocate
+        message = " ".join(str(exc).split()) or "an allocation failed"
+        print(f"wsitile {args.command}: error: out of memory: {message}", file=sys.stderr)
         return 1
     return 0
 

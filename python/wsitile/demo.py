@@ -27,6 +27,20 @@ class DemoConfig:
     batch_size: int = 32
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        # Checked before the slides are made, so a typo costs no minutes and leaves no slides/ behind.
+        if not 0 < self.train_seconds < float("inf"):
+            raise ValueError(f"train_seconds {self.train_seconds}: must be a positive number of seconds")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ValueError(f"threads {self.threads}: must be in [1, 1024]")
+        if self.slides < 4:
+            raise ValueError(f"slides {self.slides}: the demo needs a held-out tumour slide (use --slides >= 4)")
+        from .synth import level_shapes
+
+        if len(level_shapes(self.size, self.size)) < 4:
+            raise ValueError(f"size {self.size}: the model's towers read levels 2 and 3, which synthetic slides "
+                             "of this size do not have (4096 px and larger do)")
+
 
 def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: ANN001 - log(str)
     from .evaluate import evaluate_heatmap

@@ -169,7 +169,8 @@ def evaluate_heatmap(
         raise ValueError(f"{heatmap_path} (mask {mask_path}): {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_roc(labels, heatmap.probs, out_dir / "roc.png", threshold=metrics["threshold"])
+    # The picture that can fail (the grid image, the mask read) first: a failure then writes nothing.
     save_heatmap_vs_truth(heatmap, mask_path, out_dir / "heatmap_vs_truth.png")
+    save_roc(labels, heatmap.probs, out_dir / "roc.png", threshold=metrics["threshold"])
     write_json(out_dir / "metrics.json", metrics)  # last: its presence says the evaluation completed
     return metrics

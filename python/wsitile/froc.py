@@ -126,6 +126,9 @@ def itc_threshold(resolution: float = L0_RESOLUTION, level: int = EVALUATION_LEV
 # Candidates
 
 
+_DISC_RADIUS = 32.0  # up to this radius NMS stamps a disc of cells; beyond it, distances to the kept
+
+
 def candidates(
     image: np.ndarray, *, threshold: float = CANDIDATE_THRESHOLD, radius: float = DEFAULT_NMS_RADIUS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,7 +154,19 @@ def candidates(
     rows, cols = np.nonzero(peak)  # row-major order
     probs = filled[rows, cols]
     order = np.argsort(-probs, kind="stable")
-    if radius > 0 and order.size > 1:
+    if radius > _DISC_RADIUS and order.size > 1:
+        # A wide radius: each candidate against the kept ones (the same rule, distance <= radius),
+        # not a (2r + 1)^2 stencil, which for radius 1e5 would be ~600 GB.
+        ky, kx = np.empty(order.size, np.float64), np.empty(order.size, np.float64)
+        kept: list[int] = []
+        for i in order.tolist():
+            n = len(kept)
+            if n and bool((((ky[:n] - rows[i]) ** 2 + (kx[:n] - cols[i]) ** 2) <= radius**2).any()):
+                continue
+            ky[n], kx[n] = rows[i], cols[i]
+            kept.append(i)
+        order = np.asarray(kept, dtype=np.int64)
+    elif radius > 0 and order.size > 1:
         r = int(math.floor(radius))
         dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
         disc = dy**2 + dx**2 <= radius**2

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .grid import MAX_SIZE
 from .masks import atomic_write
 
 __all__ = ["HEATMAP_KEYS", "Heatmap", "base_downsample", "grid_cells", "grid_image", "load_heatmap", "save_heatmap"]
@@ -46,8 +47,8 @@ def _int_scalar(value: object, name: str, where: str, minimum: int) -> int:
     arr = np.asarray(value)
     if arr.ndim != 0 or arr.dtype.kind not in "iu":
         raise ValueError(f"{where}: {name} must be an integer scalar, got {arr.dtype} of shape {arr.shape}")
-    if int(arr) < minimum:
-        raise ValueError(f"{where}: {name} must be >= {minimum}, got {int(arr)}")
+    if not minimum <= int(arr) <= MAX_SIZE:
+        raise ValueError(f"{where}: {name} must be in [{minimum}, 2**40], got {int(arr)}")
     return int(arr)
 
 
@@ -74,8 +75,8 @@ class Heatmap:
         if coords.ndim != 2 or coords.shape[1] != 2 or (coords.size and coords.dtype.kind not in "iu"):
             raise ValueError(f"{where}: coords must be an integer (N, 2) array, got {coords.dtype} {coords.shape}")
         coords = np.ascontiguousarray(coords, dtype=np.int64)
-        if coords.size and coords.min() < 0:
-            raise ValueError(f"{where}: coords must be non-negative level-0 pixels")
+        if coords.size and not (coords.min() >= 0 and coords.max() <= MAX_SIZE):
+            raise ValueError(f"{where}: coords must be level-0 pixels in [0, 2**40]")
         probs = np.asarray(self.probs)
         if probs.shape != (len(coords),) or (probs.size and probs.dtype.kind != "f"):
             raise ValueError(
@@ -101,6 +102,8 @@ class Heatmap:
         shape = np.asarray(self.grid_shape)
         if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 0:
             raise ValueError(f"{where}: grid_shape must be two non-negative integers (rows, cols), got {shape!r}")
+        if int(shape[0]) * int(shape[1]) > MAX_SIZE:  # Python ints: no int64 overflow on the way
+            raise ValueError(f"{where}: grid_shape {shape.tolist()} has more than 2**40 cells")
         slide = np.asarray(self.slide)
         if slide.ndim != 0 or slide.dtype.kind != "U" or not str(slide):
             raise ValueError(f"{where}: slide must be a non-empty string (the slide's path)")

@@ -13,7 +13,9 @@ import numpy as np
 import flax
 import jax
 
+from .grid import validate
 from .loader import Loader
+from .slide import Slide
 from .training.checkpoints import (
     checkpoint_config,
     inference_target,
@@ -72,8 +74,10 @@ def predict_slides(
 ) -> list[dict[str, float]]:
     """`predict_slide` for each slide into its folder (`out_dirs[i]`), with the model read and
     compiled once, and each next slide's tissue grid built while the current one's windows are
-    predicted. `on_slide(i, summary)` is called as each slide's files are written; a slide that
-    cannot be read stops the run with its error, after the earlier slides' files are complete.
+    predicted. `on_slide(i, summary)` is called as each slide's files are written. Every slide is
+    opened and checked against the model's levels and window first: one that fails stops the run
+    before any work; a slide that fails later (a corrupt tile) stops it with its error, after the
+    earlier slides' files are complete.
     A slide's "start" is the wait for its grid and, for the first, the model's start."""
     from tqdm import tqdm
 
@@ -89,6 +93,8 @@ def predict_slides(
     run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
     stride = cfg.window if stride is None else int(stride)
     batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
+    for slide in slides:  # every slide opened and checked against the model's levels before any work
+        validate(Slide(slide), cfg.levels, cfg.window, cfg.center, stride)
 
     def open_loader(slide: str | os.PathLike[str]) -> Loader:
         return Loader(

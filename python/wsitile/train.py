@@ -112,11 +112,14 @@ def fit(
 
     if steps is None and epochs is None and time_limit is None:
         raise ValueError("give steps, epochs or time_limit: training needs a bound")
+    if time_limit is not None and not 0 < time_limit < float("inf"):
+        raise ValueError(f"time_limit {time_limit}: must be a positive number of seconds")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ex = steps_for(cfg, devices)
     if cfg.batch_size % ex.num_devices:
         raise ValueError(f"batch_size {cfg.batch_size}: must be a multiple of the {ex.num_devices} devices")
+    # A fresh run's initial state before anything is written: bad weights or settings leave no run folder.
+    fresh = None if resume else ex.place_state(create_state(cfg))
     local_batch = cfg.batch_size // jax.process_count()
 
     train_items = shard_for_process(slides.train)
@@ -154,6 +157,7 @@ def fit(
             threads=threads, shuffle=False,
         )
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint_manager(run_dir)
     best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
     history = History()
@@ -170,7 +174,7 @@ def fit(
         if mngr.latest_step() is not None:
             mngr.close()
             raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume or use another --out")
-        state = ex.place_state(create_state(cfg))
+        state = fresh if fresh is not None else ex.place_state(create_state(cfg))
     atomic_write(run_dir / "config.json", lambda fh: fh.write(json.dumps(cfg.to_json(), indent=2).encode()))
 
     start_step = int(state.step)

@@ -119,13 +119,15 @@ class Loader {
   void set_state(const LoaderState& s);  // drops the work in flight
 
   // Waits at most `timeout` for the next batch (or the end of the epoch); true when take() will not
-  // block. Lets a caller wait in slices and stay responsive to signals.
+  // block (unless another thread takes that batch first). Lets a caller wait in slices and stay
+  // responsive to signals.
   bool wait(std::chrono::milliseconds timeout);
   // The next batch, or std::nullopt at the end of an epoch (the state then moves to the next epoch).
   // Rethrows a worker's exception; the position stays at the failed batch. With skip_errors a batch
   // may come out shorter than batch_size, or empty when every sample of it failed.
   // The first wait/take of an epoch checks that no slide file changed since it was opened (throws
   // SlideChanged); each chunk of work checks its slides again after reading them.
+  // Several threads may call take() at once: each batch goes to exactly one of them, in order.
   std::optional<Batch> take();
   void close();  // stops the workers; further use throws
 
@@ -175,6 +177,13 @@ class Loader {
   bool can_cut_tile_parts(size_t s, size_t t) const;
   void worker_loop();
   int64_t epoch_end() const;
+  // Throws in a process forked from the one that made this loader: its worker threads do not exist
+  // there and mu_ may have been held by one of them at the fork, so waiting would hang for ever.
+  void check_process() const;
+  // In a forked child: hands everything whose destructor could wait for the parent's threads (the
+  // workers, the synchronisation, the work in flight and its batch buffers, the slides and caches)
+  // to a heap object that is never freed, so that destroying this copy cannot hang.
+  void leak_after_fork();
 
   LoaderConfig cfg_;
   SampleTable samples_;
@@ -186,8 +195,17 @@ class Loader {
   int64_t chunk_ = 1;
   size_t prefetch_ = 2;
 
-  mutable std::mutex mu_;
-  std::condition_variable work_cv_, done_cv_;
+  // On the heap so that a forked child's copy can leak it (see leak_after_fork): in the child,
+  // destroying a condition variable the parent's workers were waiting on blocks for ever (glibc waits
+  // for its waiters), as would locking a mutex one of them held.
+  struct Sync {
+    std::mutex mu;
+    std::condition_variable work, done;
+  };
+  std::unique_ptr<Sync> sync_ = std::make_unique<Sync>();
+  std::mutex& mu_ = sync_->mu;
+  std::condition_variable& work_cv_ = sync_->work;
+  std::condition_variable& done_cv_ = sync_->done;
   std::deque<std::function<void()>> tasks_;
   std::deque<std::shared_ptr<Pending>> pending_;
   std::shared_ptr<const std::vector<int64_t>> order_;  // this epoch's sample order
@@ -196,6 +214,7 @@ class Loader {
   bool check_identity_ = true;  // the epoch's first wait/take stats every slide
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
+  const int64_t pid_;  // the process that started workers_
 };
 
 }  // namespace wsitile

@@ -12,6 +12,7 @@ from ..grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSU
 from ..models import TwoTower
 
 SEED_BOUNDARY = 150  # the seed: `for layer in model.layers[:150]: layer.trainable = False`
+MAX_WIDTH = 8.0  # width multipliers above this are typos: 8x is already ~64x the full model's parameters
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,14 @@ class TrainConfig:
             raise ValueError(f"optimizer {self.optimizer!r}: expected 'rmsprop' or 'adam'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float64"):
             raise ValueError(f"dtype {self.dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float64'")
-        if not self.width > 0:
-            raise ValueError(f"width {self.width}: must be > 0")
+        if not 0 < self.width <= MAX_WIDTH:
+            raise ValueError(f"width {self.width}: must be > 0 and <= {MAX_WIDTH}")
         if self.weights is not None and self.width != 1.0:
             raise ValueError(f"width {self.width}: ImageNet weights ({self.weights}) need width 1.0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size}: must be >= 1")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ValueError(f"learning_rate {self.learning_rate}: must be > 0")
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise ValueError(f"learning_rate {self.learning_rate}: must be a positive number")
 
     @property
     def boundary(self) -> int:

@@ -173,6 +173,33 @@ def test_bad_heatmap_files_are_named(tmp_path, tumour_grid):
         save_heatmap(tmp_path / "x.npz", coords=good["coords"])
 
 
+def test_heatmap_sizes_beyond_any_slide_are_refused(tmp_path, tumour_grid, tumour_slide, monkeypatch):
+    """A window, stride or coordinate past 2**40, or a grid of more than 2**40 cells, is refused
+    (2**62 used to overflow into coordinates of -2**63 and wrong messages), and an evaluation whose
+    picture fails writes nothing: not a ROC beside an earlier run's metrics.json."""
+    good = Heatmap.from_grid(tumour_grid, noisy_probs(tumour_grid.labels)).arrays()
+    for key, value, needle in (("window", np.int64(2**62), "window must be in"),
+                               ("stride", np.int64(2**41), "stride must be in"),
+                               ("grid_shape", np.array([2**62, 2**62]), "grid_shape .* has more than 2\\*\\*40 cells"),
+                               ("coords", good["coords"] + 2**41, "coords must be level-0 pixels")):
+        path = tmp_path / f"{key}.npz"
+        np.savez(path, **{**good, key: value})
+        with pytest.raises(ValueError, match=f"{key}\\.npz: {needle}"):
+            load_heatmap(path)
+    import wsitile.plots
+
+    def fail(*args, **kwargs):
+        raise MemoryError("Unable to allocate 364 TiB")
+
+    heatmap = tmp_path / "h.npz"
+    save_heatmap(heatmap, Heatmap.from_grid(tumour_grid, noisy_probs(tumour_grid.labels)))
+    monkeypatch.setattr(wsitile.plots, "grid_image", fail)
+    out = tmp_path / "eval"
+    with pytest.raises(MemoryError):
+        evaluate_heatmap(heatmap, tumour_slide["xml"], out)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_save_heatmap_from_fields_is_atomic(tmp_path, tumour_grid):
     probs = noisy_probs(tumour_grid.labels)
     path = tmp_path / "h.npz"

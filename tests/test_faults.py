@@ -350,3 +350,40 @@ def test_sigkill_during_write_leaves_old_file(tmp_path):
     leftovers = [p for p in os.listdir(tmp_path) if p != "s.tif"]
     assert all(re.fullmatch(r"\.s\.tif\.\d+\.[0-9a-f]{8}\.tmp", p) for p in leftovers)
     wsitile.Slide(path)  # still a readable slide
+
+
+def test_sigterm_during_a_cli_write_removes_its_temporary_file(tmp_path):
+    """`wsitile synth` stopped with SIGTERM (what `kill` and schedulers send) part-way through a slide:
+    it says "interrupted" in one line and exits 130, and leaves no temporary file behind (SIGTERM used
+    to end the process at once, leaving .NAME.PID.HEX.tmp files)."""
+    out = tmp_path / "slides"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "wsitile", "synth", str(out), "--slides", "2", "--size", "8192"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in os.listdir(out) if p.endswith(".tmp")]:
+            assert proc.poll() is None and time.monotonic() < deadline, "synth ended before it was stopped"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "wsitile synth: interrupted", err[-2000:]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_fifo_inputs_are_refused_not_waited_on(tumour_slide, tmp_path):
+    """A FIFO named as a slide or an annotation file blocked the open for ever: now one error line."""
+    fifo = tmp_path / "f.tif"
+    os.mkfifo(fifo)
+    xml = tmp_path / "f.xml"
+    os.mkfifo(xml)
+    for args, needle in ((["extract", str(fifo)], "f.tif: not a regular file"),
+                         (["extract", str(tumour_slide["slide"]), "--mask", str(xml)], "f.xml: not a regular file")):
+        r = subprocess.run([sys.executable, "-m", "wsitile", *args, "--out", str(tmp_path / "o.npz")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr

@@ -245,18 +245,27 @@ def test_manifest_names_cannot_escape(tmp_path):
 
 
 def test_cli_bad_numbers_one_line(small_slide, tmp_path):
-    """CLI: hostile numbers end in one error line on stderr and a non-zero exit, never a traceback."""
+    """CLI: hostile numbers end in one error line on stderr and a non-zero exit (2 for what argparse
+    refuses, 1 for the library), never a traceback, a hang (NaN time limits never ran out) or files."""
     out = str(tmp_path / "o.npz")
+    run, demo = str(tmp_path / "run"), str(tmp_path / "demo")
     for args in (
         ["extract", small_slide, "--out", out, "--window", "1e999"],
         ["extract", small_slide, "--out", out, "--levels", "0", "--stride", str(2**70)],
         ["extract", small_slide, "--out", out, "--levels", "0", "--window", str(-(2**63))],
         ["extract", small_slide, "--out", out, "--levels", "0", "--threads", str(10**6)],
         ["synth", str(tmp_path / "s"), "--size", "-5"],
+        ["train", str(tmp_path), "--out", run, "--time-limit", "nan"],
+        ["train", str(tmp_path), "--out", run, "--time-limit", "-5"],
+        ["train", str(tmp_path), "--out", run, "--width", "inf"],
+        ["froc", out, "--masks-dir", str(tmp_path), "--out", str(tmp_path / "f"), "--nms-radius", "inf"],
+        ["demo", "--out", demo, "--train-seconds", "nan"],
+        ["demo", "--out", demo, "--threads", "0"],
+        ["demo", "--out", demo, "--size", "2048"],  # no levels 2 and 3: refused before the slides are made
+        ["demo", "--out", demo, "--slides", "3"],
     ):
         proc = subprocess.run([sys.executable, "-m", "wsitile", *args], capture_output=True, text=True, timeout=120)
-        assert proc.returncode in (1, 2), proc
-        assert "Traceback" not in proc.stderr and "error:" in proc.stderr.strip().splitlines()[-1], proc.stderr
-        if proc.returncode == 1:  # ours (2 is argparse's usage + error)
-            assert proc.stderr.count("\n") == 1, proc.stderr
-    assert not (tmp_path / "o.npz").exists()
+        assert proc.returncode in (1, 2), (args, proc)
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert proc.stderr.startswith(f"wsitile {args[0]}: error:"), (args, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -229,10 +229,18 @@ def test_checkpoint_of_another_architecture_is_refused(slides, tmp_path):
 
 
 def test_no_tumour_windows_is_an_error(slides, tmp_path):
+    """Failures before training leave no run folder behind (it used to hold an empty checkpoints/)."""
     cfg = TrainConfig(**SMALL)
     normal_only = SlideSet(train=((str(slides / "normal_001.tif"), None),))
     with pytest.raises(ValueError, match="no tumour windows"):
         fit(cfg, normal_only, tmp_path / "run", steps=1, progress=False)
+    weights = tmp_path / "weights.h5"
+    weights.write_text("not HDF5")
+    with pytest.raises(ValueError, match="weights.h5: not an HDF5 file"):
+        fit(replace(cfg, width=1.0, weights=str(weights)), _slide_set(slides), tmp_path / "run", steps=1, progress=False)
+    with pytest.raises(ValueError, match="time_limit nan"):
+        fit(cfg, _slide_set(slides), tmp_path / "run", time_limit=float("nan"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.h5"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(slides, tmp_path, monkeypatch):

@@ -82,6 +82,9 @@ Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr
   struct stat st;
   if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
   if (S_ISDIR(st.st_mode)) throw std::invalid_argument(path_ + ": is a directory, not a slide");
+  // A FIFO or a device would block OpenSlide's open (a FIFO until someone writes to it) or be read
+  // for ever: slides are files.
+  if (!S_ISREG(st.st_mode)) throw std::invalid_argument(path_ + ": not a regular file (a FIFO or a device?), not a slide");
   const std::optional<FileIdentity> before = file_identity(path_);
   if (!before) throw FileNotFound(path_ + ": no such file");
   identity_ = *before;

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 import typing
@@ -301,8 +303,6 @@ def _training_slides(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 def cmd_train(args: argparse.Namespace) -> None:
     _need_train_extra("train")
     _compile_cache()
-    import signal
-
     from .train import TrainConfig, fit, split_by_slide
 
     if not 0 <= args.val_fraction < 1:
@@ -319,8 +319,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         import jax
 
         jax.distributed.initialize()  # coordinator and process ids from the cluster's environment (SLURM, ...)
-    # SIGTERM (a cluster's scheduler) stops like Ctrl-C: the last complete checkpoint stays.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     history = fit(
         cfg, slides, args.out, steps=args.steps, epochs=args.epochs, time_limit=args.time_limit,
         resume=args.resume, threads=args.threads,
@@ -408,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    # SIGTERM (a cluster's scheduler, `kill`) stops like Ctrl-C: the files being written are removed
+    # (atomic_write), train keeps its last complete checkpoint, and the exit says "interrupted".
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -421,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or "an allocation failed"
         print(f"wsitile {args.command}: error: out of memory: {message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import stat
 import xml.etree.ElementTree as ET
 from array import array
 from collections.abc import Iterable, Sequence
@@ -201,7 +202,10 @@ def read_asap_xml(path: str | os.PathLike[str]) -> Annotations:
     fewer than 3 points, more than MAX_COORDINATES coordinates or coordinates beyond +-2^40.
     """
     path = Path(path)
-    size = os.stat(path).st_size  # FileNotFoundError names the path
+    st = os.stat(path)  # FileNotFoundError names the path
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
+        raise ValueError(f"{path}: not a regular file, not an annotation file")
+    size = st.st_size
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path}: annotation file too large ({size} bytes > {MAX_FILE_BYTES})")
     tumour: list[np.ndarray] = []

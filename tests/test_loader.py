@@ -388,6 +388,16 @@ def test_set_state_rejects_bad_state(tumour):
         loader.set_state({"seed": 0, "epoch": -1, "index": 0})
     with pytest.raises(ValueError, match="epoch"):
         loader.set_state({"seed": 0, "index": 0})
+    with pytest.raises(ValueError, match=r"epoch 1180591620717411303424: out of range"):  # was pybind11's cast error
+        loader.set_state({"seed": 0, "epoch": 2**70, "index": 0})
+    with pytest.raises(ValueError, match="seed -1"):
+        loader.set_state({"seed": -1, "epoch": 0, "index": 0})
+
+
+def test_path_with_a_nul_byte_is_refused(tumour):
+    """C APIs stop at a NUL: 'slide.tif\\0junk' used to open slide.tif."""
+    with pytest.raises(ValueError, match="NUL"):
+        wsitile.Slide(tumour[0] + "\0junk")
 
 
 # ---- memory ownership ---------------------------------------------------------------------------

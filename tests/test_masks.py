@@ -199,6 +199,8 @@ EXTERNAL_ENTITY = """<?xml version="1.0"?>
         ("nan.xml", _xml([("_0", [(0, 0), ("nan", 1), (5, 5)])])),
         ("inf.xml", _xml([("_0", [(0, 0), (1, "-inf"), (5, 5)])])),
         ("word.xml", _xml([("_0", [(0, 0), ("twelve", 1), (5, 5)])])),
+        ("underscore.xml", _xml([("_0", [(0, 0), ("1_000", 1), (5, 5)])])),  # Python's float() takes it
+        ("arabic_digits.xml", _xml([("_0", [(0, 0), ("\u0661\u0662", 1), (5, 5)])])),  # so are these
         ("huge.xml", _xml([("_0", [(0, 0), (2.0**41, 1), (5, 5)])])),
         ("two.xml", _xml([("_0", [(0, 0), (1, 1)])])),
         ("order.xml", _xml([("_0", [(0, 0), (1, 1), (2, 0)])], orders=[[0, 1, "x"]])),  # type: ignore[list-item]

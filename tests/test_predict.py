@@ -234,6 +234,24 @@ def test_checkpoint_that_does_not_fit_the_model(run, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_damaged_checkpoint_says_so(run, tmp_path, capsys):
+    """A checkpoint whose array files are truncated (a copy cut short) fails in one line that says it
+    cannot be read, not that it "does not match the model"."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run / "run" / "checkpoints", damaged / "checkpoints")
+    data = [f for f in damaged.glob("checkpoints/*/state/ocdbt.process_*/d/*") if f.stat().st_size > 1000]
+    assert data
+    for f in data:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    out = tmp_path / "p"
+    assert main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(damaged), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be read (a damaged or incomplete checkpoint?)" in err and str(damaged) in err, err
+    assert err.strip().splitlines()[-1].startswith("wsitile predict: error:") and not out.exists()
+
+
 def test_compile_cache_reused_by_the_next_process(run, tmp_path):
     """WSITILE_COMPILE_CACHE: the first `wsitile predict` process writes the compiled model there and
     the traced one (a jax.export artifact), a second one with the same settings finds both and does

@@ -79,6 +79,8 @@ __attribute__((noinline)) std::string openslide_error_message(const char* err) {
 
 Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr<const JpegTileLayout> jpeg_tiles)
     : path_(std::move(path)), api_(&openslide_api()), cache_(std::move(cache)) {
+  // A NUL ends the path for every C API below: "a.tif\0junk" would open a.tif.
+  if (path_.find('\0') != std::string::npos) throw std::invalid_argument("slide path contains a NUL byte");
   struct stat st;
   if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
   if (S_ISDIR(st.st_mode)) throw std::invalid_argument(path_ + ": is a directory, not a slide");

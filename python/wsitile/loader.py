@@ -266,7 +266,11 @@ class Loader:
         missing = {"seed", "epoch", "index"} - set(state)
         if missing:
             raise ValueError(f"loader state lacks {sorted(missing)}")
-        self._core.set_state({k: int(state[k]) for k in ("seed", "epoch", "index")})
+        values = {k: int(state[k]) for k in ("seed", "epoch", "index")}
+        for k, hi in (("seed", 2**64), ("epoch", 2**63), ("index", 2**63)):  # the C++ uint64/int64
+            if not 0 <= values[k] < hi:
+                raise ValueError(f"loader state {k} {values[k]}: out of range [0, {hi})")
+        self._core.set_state(values)
 
     def close(self) -> None:
         """Stop the worker threads (also done when the loader is garbage-collected)."""

@@ -140,6 +140,8 @@ def _parse_number(text: str | None, path: Path, what: str) -> float:
     if text is None:
         raise ValueError(f"{path}: {what} is missing")
     try:
+        if "_" in text or not text.isascii():  # Python's float() takes "1_000" and non-ASCII digits; ASAP writes neither
+            raise ValueError
         value = float(text)
     except ValueError:
         raise ValueError(f"{path}: {what} is not a number: {text[:40]!r}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -99,11 +100,17 @@ def _shapes(variables: dict[str, Any]) -> dict[str, list]:
     return {k: [list(v.shape), str(v.dtype)] for k, v in flat(variables).items()}
 
 
+# TensorStore's words for a file it could not read (truncated, deleted or damaged arrays), as against
+# orbax's and Flax's for arrays of other shapes or names.
+_READ_FAILURE = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|UNAVAILABLE)\b|Error (reading|opening|decoding)")
+
+
 def mismatch_error(run_dir: Path, step: int, cfg: TrainConfig, exc: Exception) -> ValueError:
-    return ValueError(
-        f"{run_dir / 'checkpoints' / str(step)}: does not match the model "
-        f"(width {cfg.width}, {len(cfg.levels)} towers): {' '.join(str(exc).split())[:200]}"
-    )
+    text = " ".join(str(exc).split())
+    where = run_dir / "checkpoints" / str(step)
+    if _READ_FAILURE.search(text):
+        return ValueError(f"{where}: cannot be read (a damaged or incomplete checkpoint?): {text[:200]}")
+    return ValueError(f"{where}: does not match the model (width {cfg.width}, {len(cfg.levels)} towers): {text[:200]}")
 
 
 def _restore(run_dir: Path, step: int, cfg: TrainConfig, args: ocp.args.Composite) -> Any:

@@ -30,14 +30,16 @@ if [ -n "${OUT:-}" ]; then LOG="$OUT/$PART.log"; else LOG="/tmp/wsitile-gpu-$PAR
 #      (deliverable 4's 10 s; Liu et al.'s setting met its 2 minutes by 32 s and is left out);
 #   3. where the train step's time goes (299 px first: the 1.24x over Keras is the thin margin),
 #      then the seed's partially frozen step (deliverable 1's extra figure).
+# SUITE_SMOKE=1 passes --smoke to each part: the whole call (install, build, parts) on a CPU.
 next_run() {
-  local end=$(( ${SUITE_SECONDS:-570} - 5 )) rc=0
+  local end=$(( ${SUITE_SECONDS:-570} - 5 )) rc=0 smoke=()
+  [ -n "${SUITE_SMOKE:-}" ] && smoke=(--smoke)
   echo "== next: loader 299 px ($(( (end - SECONDS) * 28 / 100 )) s)"
-  "$PY" -m benchmarks.gpu.loader --budget $(( (end - SECONDS) * 28 / 100 )) --sides 299 --no-e2e || rc=1
+  "$PY" -m benchmarks.gpu.loader "${smoke[@]}" --budget $(( (end - SECONDS) * 28 / 100 )) --sides 299 --no-e2e || rc=1
   echo "== next: inference ($(( (end - SECONDS) * 58 / 100 )) s)"
-  "$PY" -m benchmarks.gpu.inference --budget $(( (end - SECONDS) * 58 / 100 )) --runs cold warm three tta || rc=1
+  "$PY" -m benchmarks.gpu.inference "${smoke[@]}" --budget $(( (end - SECONDS) * 58 / 100 )) --runs cold warm three tta || rc=1
   echo "== next: steps ($(( end - SECONDS )) s)"
-  "$PY" -m benchmarks.gpu.steps --budget $(( end - SECONDS )) --groups wsitile-study wsitile-frozen --sides 299 80 || rc=1
+  "$PY" -m benchmarks.gpu.steps "${smoke[@]}" --budget $(( end - SECONDS )) --groups wsitile-study wsitile-frozen --sides 299 80 || rc=1
   return $rc
 }
 

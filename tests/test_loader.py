@@ -505,7 +505,6 @@ def test_two_threads_iterating_one_loader_share_its_batches(tumour):
         t.join(120)
     assert not any(t.is_alive() for t in threads) and not errors, errors
     batches = got[0] + got[1]
-    assert got[0] and got[1]
     seen = np.concatenate([b["sample_index"] for b in batches])
     np.testing.assert_array_equal(np.bincount(seen, minlength=len(ref)), np.full(len(ref), 6))
     for b in batches:
@@ -530,6 +529,9 @@ def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
                 msg = str(e)
             loader.close()  # nothing to join here: must return
             del loader
+            other = wsitile.Loader([tumour], batch_size=4, threads=2)  # one made here works
+            take(other, 1)
+            other.close()
             os.write(w, msg.encode())
             code = 0
         finally:
@@ -546,6 +548,31 @@ def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
     assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung or crashed"
     assert f"made in process {os.getpid()}" in msg and "forked" in msg, msg
     assert len(take(loader, 1)[0]["labels"]) == 4  # the parent's loader still works
+    loader.close()
+
+
+def test_loader_collected_in_a_forked_child_without_close(tumour):
+    """A child that only drops its copy of the loader (garbage collection, not close()) exits at once."""
+    import gc
+
+    loader = wsitile.Loader([tumour], batch_size=4, threads=2)
+    take(loader, 1)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            del loader
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung or crashed"
     loader.close()
 
 

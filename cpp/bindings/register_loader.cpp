@@ -119,19 +119,15 @@ void register_loader(py::module_& m) {
            [](wsitile::Loader& l) -> py::object {
              // Wait in short slices with the GIL released, so Ctrl-C (a pending Python signal) is
              // noticed within ~50 ms instead of after a long batch.
+             std::optional<wsitile::Batch> b;
              for (;;) {
-               bool ready;
+               bool taken;
                {
                  py::gil_scoped_release release;
-                 ready = l.wait(std::chrono::milliseconds(50));
+                 taken = l.take_for(std::chrono::milliseconds(50), b);
                }
-               if (ready) break;
+               if (taken) break;
                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-             }
-             std::optional<wsitile::Batch> b;
-             {
-               py::gil_scoped_release release;
-               b = l.take();
              }
              if (!b) return py::none();
              return batch_to_dict(std::move(*b));

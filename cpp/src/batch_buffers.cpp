@@ -1,5 +1,7 @@
 #include "wsitile/batch_buffers.hpp"
 
+#include <pthread.h>
+
 #include <mutex>
 #include <unordered_map>
 
@@ -22,7 +24,13 @@ struct Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool;  // never destroyed: NumPy arrays may free batches during exit
+  static Pool* p = [] {
+    Pool* made = new Pool;  // never destroyed: NumPy arrays may free batches during exit
+    // Held across fork(): a child forked while a loader's worker held mu would otherwise inherit it
+    // locked for ever, and hang freeing its first batch (or making a loader of its own).
+    ::pthread_atfork([] { pool().mu.lock(); }, [] { pool().mu.unlock(); }, [] { pool().mu.unlock(); });
+    return made;
+  }();
   return *p;
 }
 }  // namespace

@@ -1,5 +1,6 @@
 #include "wsitile/block_cache.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -20,7 +21,12 @@ namespace {
 class ChunkPool {
  public:
   static ChunkPool& instance() {
-    static ChunkPool* pool = new ChunkPool;  // never destroyed: arenas may die during exit
+    static ChunkPool* pool = [] {
+      ChunkPool* made = new ChunkPool;  // never destroyed: arenas may die during exit
+      // Held across fork(), as batch_buffers' pool: a child must not inherit mu_ locked by a worker.
+      ::pthread_atfork([] { instance().mu_.lock(); }, [] { instance().mu_.unlock(); }, [] { instance().mu_.unlock(); });
+      return made;
+    }();
     return *pool;
   }
 

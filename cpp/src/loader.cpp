@@ -152,7 +152,7 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
 }
 
 Loader::~Loader() {
-  if (::getpid() != pid_) {
+  if (forked()) {
     leak_after_fork();
     return;
   }
@@ -170,15 +170,17 @@ void Loader::leak_after_fork() {
     std::unique_ptr<BlockCache> blocks;
   };
   stopping_ = true;
+  if (!sync_) return;  // already left behind (close(), then the destructor)
   new Leaked{std::move(sync_), std::move(workers_), std::move(tasks_), std::move(pending_),
              std::move(slides_), std::move(cache_), std::move(blocks_)};
 }
 
 void Loader::close() {
-  if (::getpid() != pid_) {  // a forked child's copy: no worker to stop or join, mu_ perhaps held for ever
+  if (forked()) {  // a forked child's copy: no worker to stop or join, mu_ perhaps held for ever
     leak_after_fork();
     return;
   }
+  std::lock_guard<std::mutex> closing(close_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ && workers_.empty()) return;
@@ -201,8 +203,10 @@ int64_t Loader::epoch_end() const {
   return cfg_.drop_last ? (samples_.size() / cfg_.batch_size) * cfg_.batch_size : samples_.size();
 }
 
+bool Loader::forked() const { return ::getpid() != pid_; }
+
 void Loader::check_process() const {
-  if (::getpid() == pid_) return;
+  if (!forked()) return;
   throw std::runtime_error("this Loader was made in process " + std::to_string(pid_) +
                            " and cannot be used in a process forked from it (its worker threads do not exist here): "
                            "make the Loader in this process (multiprocessing: the 'spawn' or 'forkserver' start method)");
@@ -584,18 +588,17 @@ void Loader::choose_block_policy() {
   }
 }
 
-bool Loader::wait(std::chrono::milliseconds timeout) {
-  check_process();
-  std::unique_lock<std::mutex> lock(mu_);
-  if (stopping_) throw std::runtime_error("loader is closed");
-  check_slides_unchanged_locked();
-  fill_pipeline_locked();
-  if (pending_.empty()) return true;  // end of epoch
-  auto front = pending_.front();
-  return done_cv_.wait_for(lock, timeout, [&] { return stopping_ || front->done(); });
+std::optional<Batch> Loader::take() {
+  std::optional<Batch> out;
+  take_until(std::nullopt, out);
+  return out;
 }
 
-std::optional<Batch> Loader::take() {
+bool Loader::take_for(std::chrono::milliseconds timeout, std::optional<Batch>& out) {
+  return take_until(std::chrono::steady_clock::now() + timeout, out);
+}
+
+bool Loader::take_until(std::optional<std::chrono::steady_clock::time_point> deadline, std::optional<Batch>& out) {
   check_process();
   std::unique_lock<std::mutex> lock(mu_);
   std::shared_ptr<Pending> front;
@@ -606,12 +609,18 @@ std::optional<Batch> Loader::take() {
     if (pending_.empty()) {  // the epoch is over: the next call starts the next one
       state_.epoch += 1;
       start_epoch_locked();
-      return std::nullopt;
+      out.reset();
+      return true;
     }
     front = pending_.front();
     // Another consumer thread may take this batch (or drop the pipeline) while this one waits: then
     // start over with the new front rather than pop a batch that is not this one's.
-    done_cv_.wait(lock, [&] { return stopping_ || front->done() || pending_.empty() || pending_.front() != front; });
+    auto ready = [&] { return stopping_ || front->done() || pending_.empty() || pending_.front() != front; };
+    if (!deadline) {
+      done_cv_.wait(lock, ready);
+    } else if (!done_cv_.wait_until(lock, *deadline, ready)) {
+      return false;  // nothing taken: the caller checks its signals and comes back
+    }
     if (stopping_) throw std::runtime_error("loader is closed");
     if (!pending_.empty() && pending_.front() == front) break;
   }
@@ -657,7 +666,8 @@ std::optional<Batch> Loader::take() {
       b.sample_index.resize(kept);
     }
   }
-  return std::move(b);
+  out = std::move(b);
+  return true;
 }
 
 }  // namespace wsitile

@@ -85,7 +85,8 @@ Slide::Slide(std::string path, std::shared_ptr<TileCache> cache, std::shared_ptr
   if (::stat(path_.c_str(), &st) != 0) throw FileNotFound(path_ + ": no such file");
   if (S_ISDIR(st.st_mode)) throw std::invalid_argument(path_ + ": is a directory, not a slide");
   // A FIFO or a device would block OpenSlide's open (a FIFO until someone writes to it) or be read
-  // for ever: slides are files.
+  // for ever: slides are files. (A path swapped for a FIFO between this stat and OpenSlide's open by
+  // name can still block: OpenSlide takes no file descriptor.)
   if (!S_ISREG(st.st_mode)) throw std::invalid_argument(path_ + ": not a regular file (a FIFO or a device?), not a slide");
   const std::optional<FileIdentity> before = file_identity(path_);
   if (!before) throw FileNotFound(path_ + ": no such file");

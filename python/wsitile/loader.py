@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -142,6 +143,7 @@ class Loader:
             raise ValueError(f"on_error {on_error!r}: expected 'raise' or 'skip'")
         self.on_error = on_error
         self.num_skipped = 0
+        self._skipped_lock = threading.Lock()
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed {seed}: must be in [0, 2**64)")
         specs = [_spec(s) for s in slides]
@@ -231,7 +233,8 @@ class Loader:
         while (batch := self._core.next()) is not None:
             skipped = batch.pop("skipped", None)
             if skipped:
-                self.num_skipped += len(skipped)
+                with self._skipped_lock:  # several threads may iterate one loader
+                    self.num_skipped += len(skipped)
                 for sample, slide, x0, y0, message in skipped:
                     logger.warning(
                         "skipped sample %d of %s at level-0 (%d, %d): %s", sample, self.slides[slide], x0, y0, message

@@ -102,7 +102,7 @@ class Loader {
   Loader& operator=(const Loader&) = delete;
 
   int64_t num_samples() const { return samples_.size(); }
-  size_t cache_bytes_used() const { return blocks_ ? blocks_->bytes() : 0; }
+  size_t cache_bytes_used() const { return blocks_ && !forked() ? blocks_->bytes() : 0; }
   bool uses_block_cache(int32_t slide) const { return geometry_.at(slide).blocks; }
   // True when tower `tower` of `slide` decodes its blocks straight from JPEG tiles (not OpenSlide).
   bool decodes_jpeg_tiles(int32_t slide, size_t tower) const {
@@ -118,17 +118,17 @@ class Loader {
   LoaderState state() const;
   void set_state(const LoaderState& s);  // drops the work in flight
 
-  // Waits at most `timeout` for the next batch (or the end of the epoch); true when take() will not
-  // block (unless another thread takes that batch first). Lets a caller wait in slices and stay
-  // responsive to signals.
-  bool wait(std::chrono::milliseconds timeout);
   // The next batch, or std::nullopt at the end of an epoch (the state then moves to the next epoch).
   // Rethrows a worker's exception; the position stays at the failed batch. With skip_errors a batch
   // may come out shorter than batch_size, or empty when every sample of it failed.
-  // The first wait/take of an epoch checks that no slide file changed since it was opened (throws
+  // The first take of an epoch checks that no slide file changed since it was opened (throws
   // SlideChanged); each chunk of work checks its slides again after reading them.
   // Several threads may call take() at once: each batch goes to exactly one of them, in order.
   std::optional<Batch> take();
+  // take(), waiting at most `timeout`: true with `out` set as take() returns it, or false with
+  // nothing taken when no batch was ready in time. Lets a consumer wait in slices and stay responsive
+  // to signals, also while other threads take the batches it was waiting for.
+  bool take_for(std::chrono::milliseconds timeout, std::optional<Batch>& out);
   void close();  // stops the workers; further use throws
 
  private:
@@ -180,6 +180,8 @@ class Loader {
   // Throws in a process forked from the one that made this loader: its worker threads do not exist
   // there and mu_ may have been held by one of them at the fork, so waiting would hang for ever.
   void check_process() const;
+  bool forked() const;
+  bool take_until(std::optional<std::chrono::steady_clock::time_point> deadline, std::optional<Batch>& out);
   // In a forked child: hands everything whose destructor could wait for the parent's threads (the
   // workers, the synchronisation, the work in flight and its batch buffers, the slides and caches)
   // to a heap object that is never freed, so that destroying this copy cannot hang.
@@ -214,7 +216,8 @@ class Loader {
   bool check_identity_ = true;  // the epoch's first wait/take stats every slide
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
-  const int64_t pid_;  // the process that started workers_
+  std::mutex close_mu_;  // one close() joins the workers; a concurrent one waits for it
+  const int64_t pid_;    // the process that started workers_
 };
 
 }  // namespace wsitile

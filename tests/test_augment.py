@@ -385,3 +385,15 @@ def test_bad_input(change, exc, name):
 
 def test_good_call_baseline():
     assert _call(**_good()).shape == (N, 8, 8, 3)
+
+
+def test_thread_counts_are_integers_in_range():
+    """threads=2.5 or "2" were truncated or cast; 2**40 reached pybind11's multi-line cast error."""
+    n = 4
+    x = np.zeros((n, 8, 8, 3), np.uint8)
+    kw = dict(rot90=np.zeros(n, np.int32), flip=np.zeros(n, bool), brightness=np.zeros(n, np.float32),
+              saturation=np.ones(n, np.float32), hue=np.zeros(n, np.float32), contrast=np.ones(n, np.float32))
+    for bad, error in ((2.5, TypeError), ("2", TypeError), (True, TypeError), (0, ValueError), (2**40, ValueError)):
+        with pytest.raises(error, match="threads"):
+            wsitile.augment_batch(x, threads=bad, **kw)
+    assert wsitile.augment_batch(x, threads=np.int64(2), **kw).shape == x.shape

@@ -72,3 +72,12 @@ def test_demo_refuses_a_folder_with_a_run_before_any_work(tmp_path, capsys, monk
     assert "--resume" not in lines[0] and "another --out" in lines[0], lines[0]
     assert not (out / "slides").exists()  # refused before the synthetic slides
     assert train.find_checkpoint(out) == (out, 1)  # the earlier run is left as it was
+
+    # A folder of someone else's files (slides/tumor_001.tif would be replaced): refused the same way.
+    other = tmp_path / "mine"
+    (other / "slides").mkdir(parents=True)
+    (other / "slides" / "tumor_001.tif").write_bytes(b"my slide")
+    assert main(["demo", "--out", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an empty folder" in err and str(other) in err, err
+    assert (other / "slides" / "tumor_001.tif").read_bytes() == b"my slide"

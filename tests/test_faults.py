@@ -387,3 +387,64 @@ def test_fifo_inputs_are_refused_not_waited_on(tumour_slide, tmp_path):
         r = subprocess.run([sys.executable, "-m", "wsitile", *args, "--out", str(tmp_path / "o.npz")],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("prlimit") is None,
+                    reason="needs root to run a child as another user under a thread limit (RLIMIT_NPROC spares root)")
+def test_thread_limit_is_an_error_or_fewer_threads_not_an_abort(tumour_slide):
+    """Under a process limit (ulimit -u, a cgroup's pids.max) thread creation fails part-way: a Loader
+    says so in one error naming the thread count, and augment_batch's fork-join does the chunks it
+    could not start on the calling thread (same result). Both used to end in std::terminate (exit 134)."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="wsitile-nproc-")
+    try:
+        os.chmod(root, 0o755)  # the child runs as nobody
+        slide = os.path.join(root, "s.tif")
+        shutil.copy(tumour_slide["slide"], slide)
+        os.chmod(slide, 0o644)
+        script = textwrap.dedent(
+            f"""
+            import numpy as np, wsitile
+            from wsitile.augment import augment_batch
+            try:
+                wsitile.Loader([({slide!r}, None)], threads=64, tissue_threshold=None)
+                print("no error")
+            except RuntimeError as e:
+                print(e)
+            n = 100
+            rng = np.random.default_rng(0)
+            x = rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8)
+            kw = dict(rot90=rng.integers(0, 4, n).astype(np.int32), flip=rng.random(n) < 0.5,
+                      brightness=np.full(n, 0.1, np.float32), saturation=np.full(n, 1.2, np.float32),
+                      hue=np.zeros(n, np.float32), contrast=np.ones(n, np.float32))
+            print(np.array_equal(augment_batch(x, threads=64, **kw), augment_batch(x, threads=1, **kw)))
+            """
+        )
+        cmd = ["prlimit", "--nproc=20", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               sys.executable, "-c", script]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if r.returncode != 0 and "Permission denied" in r.stderr:
+        pytest.skip(f"the interpreter is not readable by nobody: {r.stderr[-200:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"cannot start loader worker thread \d+ of 64 \(.+\): use fewer threads", lines[0]), r.stdout
+    assert lines[1] == "True", r.stdout
+
+
+def test_a_failed_write_names_its_file(tmp_path):
+    """A full disk's "[Errno 28] No space left on device" alone did not say which file; the error now
+    names it, keeps its type and errno, and leaves no temporary file."""
+    import errno
+
+    from wsitile.masks import atomic_write
+
+    def full(fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "out.npz"
+    with pytest.raises(OSError, match=r"cannot write .*out\.npz: No space left on device") as info:
+        atomic_write(target, full)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []

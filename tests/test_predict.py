@@ -12,6 +12,7 @@ jax = pytest.importorskip("jax")
 from wsitile import train  # noqa: E402
 from wsitile.cli import main  # noqa: E402
 from wsitile.train import SlideSet, TrainConfig, fit  # noqa: E402
+from wsitile.predict import predict_slide  # noqa: E402
 
 CFG = TrainConfig(width=0.125, batch_size=8, tissue_threshold=None, stride=160, learning_rate=0.01)
 
@@ -250,6 +251,29 @@ def test_damaged_checkpoint_says_so(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot be read (a damaged or incomplete checkpoint?)" in err and str(damaged) in err, err
     assert err.strip().splitlines()[-1].startswith("wsitile predict: error:") and not out.exists()
+
+
+def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_path, capsys):
+    """Metadata without its config, with a loader state or shapes of the wrong kind, or with a width
+    given as a string: one line naming the checkpoint (were KeyError / AttributeError tracebacks).
+    A fractional stride is refused, not truncated."""
+    import json
+    import shutil
+
+    for name, edit in (("noconfig", lambda m: m.pop("config")), ("loader", lambda m: m.update(loader={"seed": 0})),
+                       ("variables", lambda m: m.update(variables=[1])),
+                       ("width", lambda m: m["config"].update(width="wide"))):
+        edited = tmp_path / name
+        shutil.copytree(run / "run" / "checkpoints", edited / "checkpoints")
+        (meta_file,) = edited.glob("checkpoints/*/meta/metadata")
+        meta = json.loads(meta_file.read_text())
+        edit(meta)
+        meta_file.write_text(json.dumps(meta))
+        code = main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(edited), "--out", str(tmp_path / "p")])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and str(edited) in err, (name, err)
+    with pytest.raises(TypeError, match="stride 80.7: must be an integer"):
+        predict_slide(run / "tumor_001.tif", run / "run", tmp_path / "q", stride=80.7)
 
 
 def test_compile_cache_reused_by_the_next_process(run, tmp_path):

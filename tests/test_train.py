@@ -240,6 +240,9 @@ def test_no_tumour_windows_is_an_error(slides, tmp_path):
         fit(replace(cfg, width=1.0, weights=str(weights)), _slide_set(slides), tmp_path / "run", steps=1, progress=False)
     with pytest.raises(ValueError, match="time_limit nan"):
         fit(cfg, _slide_set(slides), tmp_path / "run", time_limit=float("nan"), progress=False)
+    for bound in ({"steps": 0}, {"steps": -3}, {"steps": 0.5}, {"epochs": 0}):  # trained nothing, silently
+        with pytest.raises(ValueError, match=f"{next(iter(bound))} .*: must be an integer >= 1"):
+            fit(cfg, _slide_set(slides), tmp_path / "run", progress=False, **bound)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.h5"]
 
 

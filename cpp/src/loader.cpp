@@ -7,6 +7,7 @@
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
+#include <system_error>
 #include <utility>
 
 #include <unistd.h>
@@ -148,7 +149,15 @@ Loader::Loader(const std::vector<std::string>& slide_paths, SampleTable samples,
     start_epoch_locked();
   }
   const AsyncSignalsBlocked workers_leave_signals;  // the workers keep the mask; this thread's is restored
-  for (int t = 0; t < cfg_.threads; ++t) workers_.emplace_back([this] { worker_loop(); });
+  for (int t = 0; t < cfg_.threads; ++t) {
+    try {
+      workers_.emplace_back([this] { worker_loop(); });
+    } catch (const std::system_error& e) {  // a process or cgroup thread limit (ulimit -u, pids.max)
+      close();  // the constructor throws, so no destructor will: stop and join the ones started
+      throw std::runtime_error("cannot start loader worker thread " + std::to_string(t + 1) + " of " +
+                               std::to_string(cfg_.threads) + " (" + e.what() + "): use fewer threads");
+    }
+  }
 }
 
 Loader::~Loader() {

@@ -125,7 +125,9 @@ def augment_batch(images, *, rot90, flip, brightness, saturation, hue, contrast,
         raise ValueError(f"rot90 must be even (0 or 2) for non-square images, got shape {img.shape}")
     if threads is None:
         threads = os.cpu_count() or 1
-    if int(threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"threads {threads!r}: must be an integer")
+    if not 1 <= threads <= 1024:  # as the Loader's
+        raise ValueError(f"threads must be in [1, 1024], got {threads}")
     return _core.augment_batch(np.ascontiguousarray(img), r.astype(np.int32), f.astype(np.uint8), b, s, h, c,
                                out_dtype, int(threads))

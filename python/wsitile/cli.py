@@ -277,7 +277,9 @@ def _compile_cache() -> None:
     empty or "off": none); a JAX_COMPILATION_CACHE_DIR already set is JAX's own and left alone."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    folder = os.environ.get("WSITILE_COMPILE_CACHE", str(Path.home() / ".cache" / "wsitile" / "jax"))
+    home = os.path.expanduser("~")
+    default = os.path.join(home, ".cache", "wsitile", "jax") if home not in ("", "~") else "off"  # HOME="": no cache in ./
+    folder = os.path.expanduser(os.environ.get("WSITILE_COMPILE_CACHE", default))
     if folder.strip().lower() in ("", "0", "off", "none"):
         return
     import jax
@@ -336,6 +338,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for slide in args.slide:
         if not slide.is_file():
             raise FileNotFoundError(f"{slide}: no such slide")
+    if args.out.exists() and not args.out.is_dir():  # before the model is read and compiled
+        raise FileExistsError(f"{args.out}: exists and is not a folder")
     if len(args.slide) == 1:
         outs = [args.out]
     else:

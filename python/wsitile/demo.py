@@ -61,6 +61,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
             mngr.close()
         if held:
             raise ValueError(f"{out}: already holds a demo run (checkpoints/); use another --out or delete it")
+    # The demo writes slides/, predictions/, report.md, ... into its folder: another folder's files of
+    # those names would be replaced (or, a file where a folder goes, fail it after training).
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; the demo needs a new or empty --out")
     # The demo folder is the run directory: checkpoints/, config.json, history.json and training.png
     # from training, then the evaluation's pictures and metrics.json beside them.
     slides_dir, run_dir, pred_dir = out / "slides", out, out / "predictions"

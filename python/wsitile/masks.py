@@ -306,11 +306,14 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callbac
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None and str(path) not in str(exc):
+            # "[Errno 28] No space left on device" alone does not say which file
+            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         raise
 
 

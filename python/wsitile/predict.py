@@ -13,7 +13,7 @@ import numpy as np
 import flax
 import jax
 
-from .grid import validate
+from .grid import check_int, validate
 from .loader import Loader
 from .slide import Slide
 from .training.checkpoints import (
@@ -88,10 +88,10 @@ def predict_slides(
     slides, folders = list(slides), [Path(d) for d in out_dirs]
     if len(slides) != len(folders) or not slides:
         raise ValueError(f"{len(slides)} slides for {len(folders)} output folders: give one folder per slide")
-    if batch_size is not None and batch_size < 1:
+    if batch_size is not None and check_int("batch_size", batch_size) < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
     run_dir, ckpt_step, cfg = checkpoint_config(checkpoint)
-    stride = cfg.window if stride is None else int(stride)
+    stride = cfg.window if stride is None else check_int("stride", stride)  # 80.7 is refused, not truncated
     batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
     for slide in slides:  # every slide opened and checked against the model's levels before any work
         validate(Slide(slide), cfg.levels, cfg.window, cfg.center, stride)

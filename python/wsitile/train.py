@@ -114,6 +114,9 @@ def fit(
         raise ValueError("give steps, epochs or time_limit: training needs a bound")
     if time_limit is not None and not 0 < time_limit < float("inf"):
         raise ValueError(f"time_limit {time_limit}: must be a positive number of seconds")
+    for name, bound in (("steps", steps), ("epochs", epochs)):  # 0, -3 or 0.5 would train nothing, silently
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, np.integer)) or bound < 1):
+            raise ValueError(f"{name} {bound!r}: must be an integer >= 1")
     run_dir = Path(run_dir)
     ex = steps_for(cfg, devices)
     if cfg.batch_size % ex.num_devices:

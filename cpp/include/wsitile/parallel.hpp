@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -48,21 +49,29 @@ void parallel_for(int64_t n, int threads, Fn&& fn) {
   std::vector<std::thread> pool;
   pool.reserve(threads);
   const int64_t per = (n + threads - 1) / threads;
+  auto run = [&](int64_t b, int64_t e) {
+    try {
+      fn(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!first) first = std::current_exception();
+    }
+  };
+  int64_t inline_from = n;  // chunks from here on run on this thread: no more threads could be started
   {
     const AsyncSignalsBlocked workers_leave_signals;  // the workers keep the mask; this thread's is restored
     for (int t = 0; t < threads; ++t) {
       const int64_t b = t * per, e = std::min(n, b + per);
       if (b >= e) break;
-      pool.emplace_back([&, b, e] {
-        try {
-          fn(b, e);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (!first) first = std::current_exception();
-        }
-      });
+      try {
+        pool.emplace_back(run, b, e);
+      } catch (const std::system_error&) {  // a process or cgroup thread limit: fewer threads, same result
+        inline_from = b;
+        break;
+      }
     }
   }
+  for (int64_t b = inline_from; b < n; b += per) run(b, std::min(n, b + per));
   for (auto& th : pool) th.join();
   if (first) std::rethrow_exception(first);
 }

@@ -78,7 +78,34 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:
 def read_checkpoint_meta(run_dir: Path, step: int) -> dict[str, Any]:
     """The metadata saved with `step` (config, loader state, variable shapes); starts no JAX backend."""
     folder = (run_dir / "checkpoints" / str(step) / "meta").absolute()
-    return dict(ocp.handlers.JsonCheckpointHandler().restore(folder))
+    return _checked_meta(ocp.handlers.JsonCheckpointHandler().restore(folder), folder)
+
+
+def _checked_meta(meta: Any, folder: Path) -> dict[str, Any]:
+    """`meta` if it has the fields wsitile writes (an edited or foreign file fails here, naming it,
+    rather than as a KeyError deep in restoring or resuming)."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{folder}: not a wsitile checkpoint's metadata ({why})")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("config"), dict):
+        raise bad("no config")
+    loader = meta.get("loader")
+    if loader is not None and not (isinstance(loader, dict) and all(
+            isinstance(loader.get(k), int) and not isinstance(loader.get(k), bool) for k in ("seed", "epoch", "index"))):
+        raise bad("the loader state needs integer seed, epoch and index")
+    variables = meta.get("variables")
+    if variables is not None:
+        try:
+            ok = isinstance(variables, dict) and all(
+                isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and np.dtype(dtype) is not None
+                for shape, dtype in variables.values())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad("variables must map names to [shape, dtype]")
+    return dict(meta)
 
 
 def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps) -> tuple[TrainState, dict]:
@@ -86,7 +113,7 @@ def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps)
     the checkpoint does not fit the architecture in `cfg`."""
     restored = _restore(run_dir, step, cfg, ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract_state(cfg, steps)), meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+    return restored["state"], _checked_meta(restored["meta"], run_dir / "checkpoints" / str(step) / "meta")
 
 
 def _abstract_state(cfg: TrainConfig, steps: Steps) -> TrainState:
@@ -127,7 +154,10 @@ def checkpoint_config(checkpoint: str | os.PathLike[str]) -> tuple[Path, int, Tr
     """(run directory, step, config) of the latest checkpoint under `checkpoint`, without its arrays."""
     run_dir, step = find_checkpoint(checkpoint)
     meta = read_checkpoint_meta(run_dir, step)
-    return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
+    try:
+        return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
+    except TypeError as exc:  # a value of the wrong type (a width as a string): from_json names the rest
+        raise ValueError(f"{run_dir / 'checkpoints' / str(step)}: its saved settings do not parse ({exc})") from None
 
 
 def saved_shapes(meta: dict[str, Any]) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -53,8 +54,18 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainCo
     meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step,
             "variables": _shapes(state.variables())}
     with _interrupts_deferred():
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        mngr.wait_until_finished()
+        try:
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            mngr.wait_until_finished()
+        except Exception:
+            # A save that failed (a full disk) leaves orbax's STEP.orbax-checkpoint-tmp* folder: never
+            # a checkpoint (it is renamed only when complete), so it goes rather than fill the disk,
+            # once orbax's other writer threads have given up too (they recreate it otherwise).
+            with contextlib.suppress(Exception):
+                mngr.close()
+            for tmp in Path(str(mngr.directory)).glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return step
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -240,6 +241,17 @@ def test_no_tumour_windows_is_an_error(slides, tmp_path):
         fit(replace(cfg, width=1.0, weights=str(weights)), _slide_set(slides), tmp_path / "run", steps=1, progress=False)
     with pytest.raises(ValueError, match="time_limit nan"):
         fit(cfg, _slide_set(slides), tmp_path / "run", time_limit=float("nan"), progress=False)
+    same = SlideSet(train=_slide_set(slides).train, val=_slide_set(slides).train[:1])
+    with pytest.raises(ValueError, match="both a training and a validation slide"):
+        fit(cfg, same, tmp_path / "run", steps=1, progress=False)
+    (tmp_path / "filed").mkdir()
+    (tmp_path / "filed" / "checkpoints").write_text("a file")
+    with pytest.raises(FileExistsError, match="checkpoints: exists and is not a folder"):
+        fit(cfg, _slide_set(slides), tmp_path / "filed", steps=1, progress=False)
+    shutil.rmtree(tmp_path / "filed")
+    for devices, error in (([], ValueError), (["cpu"], ValueError)):
+        with pytest.raises(error, match="devices"):
+            fit(cfg, _slide_set(slides), tmp_path / "run", steps=1, progress=False, devices=devices)
     for bound in ({"steps": 0}, {"steps": -3}, {"steps": 0.5}, {"epochs": 0}):  # trained nothing, silently
         with pytest.raises(ValueError, match=f"{next(iter(bound))} .*: must be an integer >= 1"):
             fit(cfg, _slide_set(slides), tmp_path / "run", progress=False, **bound)

@@ -118,6 +118,11 @@ def fit(
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, np.integer)) or bound < 1):
             raise ValueError(f"{name} {bound!r}: must be an integer >= 1")
     run_dir = Path(run_dir)
+    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
+        raise FileExistsError(f"{run_dir / 'checkpoints'}: exists and is not a folder")  # not after training
+    shared = {path for path, _ in slides.train} & {path for path, _ in slides.val}
+    if shared:
+        raise ValueError(f"{sorted(shared)[0]}: both a training and a validation slide (validation would flatter)")
     ex = steps_for(cfg, devices)
     if cfg.batch_size % ex.num_devices:
         raise ValueError(f"batch_size {cfg.batch_size}: must be a multiple of the {ex.num_devices} devices")

@@ -211,6 +211,8 @@ def steps_for(cfg: TrainConfig, devices: Sequence[Any] | None = None) -> Steps:
     """A `Steps` per (config, devices), kept for the process: a second run with the same settings
     (resuming, validating, predicting) reuses the compiled steps."""
     key = (cfg, tuple(jax.devices() if devices is None else devices))
+    if not key[1] or not all(isinstance(d, jax.Device) for d in key[1]):
+        raise ValueError(f"devices {devices!r}: give JAX devices (e.g. jax.devices()[:2]), or None for all")
     if key not in _STEPS:
         _STEPS[key] = Steps(cfg, key[1])
     return _STEPS[key]

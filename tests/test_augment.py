@@ -397,3 +397,12 @@ def test_thread_counts_are_integers_in_range():
         with pytest.raises(error, match="threads"):
             wsitile.augment_batch(x, threads=bad, **kw)
     assert wsitile.augment_batch(x, threads=np.int64(2), **kw).shape == x.shape
+
+
+def test_draw_params_seed_and_epoch_in_range():
+    """The C++ takes uint64: out-of-range values were pybind11's multi-line cast error."""
+    idx = np.arange(3)
+    for kw in ({"seed": 2**70, "epoch": 0}, {"seed": 0, "epoch": -1}, {"seed": 1.5, "epoch": 0}):
+        with pytest.raises(ValueError, match=next(k for k, v in kw.items() if v not in (0,))):
+            draw_params(AugmentConfig(), sample_indices=idx, **kw)
+    assert len(draw_params(AugmentConfig(), seed=2**64 - 1, epoch=0, sample_indices=idx)["rot90"]) == 3

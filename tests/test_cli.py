@@ -140,15 +140,15 @@ def test_extract_refuses_images_beyond_memory_and_its_own_input(tumour_slide, tm
     """--save-images that cannot fit in memory is one "out of memory" line before any window is cut
     (np.empty would not fail; the copies would, in the OOM killer); an --out that is the slide itself
     is refused rather than replaced."""
-    import wsitile.cli
+    import wsitile.masks
 
-    monkeypatch.setattr(wsitile.cli, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(wsitile.masks, "available_memory", lambda: 1 << 20)
     code, _, err = run(["extract", tumour_slide["slide"], "--save-images", "--out", tmp_path / "x.npz"], capsys)
     assert code == 1 and err.count("\n") == 1, err
     assert err.startswith("wsitile extract: error: out of memory: --save-images:") and "GiB" in err, err
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    assert wsitile.cli._available_memory() > 0  # this machine's /proc/meminfo
+    assert wsitile.masks.available_memory() > 0  # this machine's /proc/meminfo
 
     slide = tmp_path / "slide.npz"  # a slide under a name that looks like an output
     slide.write_bytes(Path(tumour_slide["slide"]).read_bytes())

@@ -274,6 +274,26 @@ def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_
         assert code == 1 and err.count("\n") == 1 and str(edited) in err, (name, err)
     with pytest.raises(TypeError, match="stride 80.7: must be an integer"):
         predict_slide(run / "tumor_001.tif", run / "run", tmp_path / "q", stride=80.7)
+    # A batch that cannot fit in memory: one line before compiling (it failed in the loop, after it).
+    out = tmp_path / "huge"
+    code = main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(run / "run"), "--out", str(out),
+                 "--batch-size", str(10**8)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "out of memory: batch_size 100000000" in err and not out.exists(), err
+
+
+def test_heatmap_pair_or_nothing(run, tmp_path, monkeypatch):
+    """When the picture cannot be written, its heatmap.npz goes too: no half output pair."""
+    import wsitile.plots
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wsitile.plots, "save_heatmap_png", fail)
+    out = tmp_path / "p"
+    with pytest.raises(OSError, match="No space left"):
+        predict_slide(run / "tumor_001.tif", run / "run", out, batch_size=16, progress=False)
+    assert not (out / "heatmap.npz").exists() and not (out / "heatmap.png").exists()
 
 
 def test_compile_cache_reused_by_the_next_process(run, tmp_path):

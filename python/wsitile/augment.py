@@ -64,6 +64,9 @@ def draw_params(config: AugmentConfig, seed: int, epoch: int, sample_indices) ->
         raise ValueError("sample_indices must be a 1-d integer array")
     if idx.size and idx.min() < 0:
         raise ValueError("sample_indices must be >= 0")
+    for name, value in (("seed", seed), ("epoch", epoch)):  # the C++ takes uint64
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**64:
+            raise ValueError(f"{name} {value!r}: must be an integer in [0, 2**64)")
     return _core.augment_draw_params(astuple(config), int(seed), int(epoch), idx.astype(np.uint64))
 
 

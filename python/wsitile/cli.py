@@ -177,7 +177,7 @@ def extract(
     from tqdm import tqdm
 
     from .loader import Loader
-    from .masks import atomic_write
+    from .masks import atomic_write, available_memory
 
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the output must be a .npz file")
@@ -209,7 +209,7 @@ def extract(
     }
     if save_images:
         shape = (len(grid), len(grid.levels), window, window, 3)
-        need, free = float(np.prod(shape, dtype=np.float64)), _available_memory()
+        need, free = float(np.prod(shape, dtype=np.float64)), available_memory()
         if free is not None and need > free:  # np.empty would not fail: the copies below would, in the OOM killer
             loader.close()
             raise MemoryError(f"--save-images: the {len(grid):,} windows' images need {need / 2**30:,.1f} GiB, more than "
@@ -231,18 +231,6 @@ def extract(
         rate = float("nan")
     atomic_write(out, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
     return {"windows": len(grid), "tumour": int(grid.labels.sum()), "rate": rate}
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory the kernel says are available for a new allocation (Linux), or None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
         finally:
             mngr.close()
         if held:
-            raise ValueError(f"{out}: already holds a demo run (checkpoints/); use another --out or delete it")
+            raise ValueError(f"{out}: already holds a run (checkpoints/); use another --out or delete it")
     # The demo writes slides/, predictions/, report.md, ... into its folder: another folder's files of
     # those names would be replaced (or, a file where a folder goes, fail it after training).
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -295,6 +295,18 @@ def write_asap_xml(path: str | os.PathLike[str], annotations: Annotations) -> No
     atomic_write(path, lambda fh: tree.write(fh, encoding="utf-8", xml_declaration=True))
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available for a new allocation (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callback
     """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)

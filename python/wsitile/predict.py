@@ -14,6 +14,7 @@ import flax
 import jax
 
 from .grid import check_int, validate
+from .masks import available_memory
 from .loader import Loader
 from .slide import Slide
 from .training.checkpoints import (
@@ -95,6 +96,11 @@ def predict_slides(
     batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
     for slide in slides:  # every slide opened and checked against the model's levels before any work
         validate(Slide(slide), cfg.levels, cfg.window, cfg.center, stride)
+    need = float(batch_size) * len(cfg.levels) * cfg.window**2 * 3 * 2  # a padded batch and its copy on the host
+    free = available_memory()
+    if free is not None and need > free:  # before compiling for it (which would fail only in the loop)
+        raise MemoryError(f"batch_size {batch_size}: a batch of {cfg.window} px windows needs {need / 2**30:,.1f} GiB, "
+                          f"more than the {free / 2**30:,.1f} GiB of memory available")
 
     def open_loader(slide: str | os.PathLike[str]) -> Loader:
         return Loader(
@@ -175,7 +181,11 @@ def predict_slides(
                 slide=os.path.abspath(slide),
             )
             save_heatmap(out_dir / "heatmap.npz", heatmap)
-            save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
+            try:
+                save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
+            except BaseException:  # the pair or nothing: no heatmap.npz without its picture
+                (out_dir / "heatmap.npz").unlink(missing_ok=True)
+                raise
             summaries.append({"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9),
                               "start": start - t0, "loop": loop, "write": time.perf_counter() - start - loop})
             if on_slide is not None:

@@ -513,6 +513,18 @@ def test_two_threads_iterating_one_loader_share_its_batches(tumour):
     loader.close()
 
 
+def _child_exit_code(pid: int, timeout: float = 60) -> int | None:
+    """The forked child's exit code, or None (and the child killed) if it has not exited in time."""
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.05)
+    return os.waitstatus_to_exitcode(done[1])
+
+
 # ThreadSanitizer does not support starting threads in a child forked from a threaded process.
 _TSAN = "libtsan" in os.environ.get("LD_PRELOAD", "")
 
@@ -544,15 +556,9 @@ def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
         finally:
             os._exit(code)
     os.close(w)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+    assert _child_exit_code(pid) == 0, "the child hung or crashed"
     msg = os.read(r, 4096).decode()
     os.close(r)
-    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung or crashed"
     assert f"made in process {os.getpid()}" in msg and "forked" in msg, msg
     assert len(take(loader, 1)[0]["labels"]) == 64  # the parent's loader still works
     loader.close()
@@ -573,13 +579,7 @@ def test_loader_collected_in_a_forked_child_without_close(tumour):
             code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung or crashed"
+    assert _child_exit_code(pid) == 0, "the child hung or crashed"
     loader.close()
 
 

@@ -17,6 +17,7 @@ from dataclasses import astuple, dataclass
 import numpy as np
 
 from . import _core
+from .grid import check_threads
 
 __all__ = ["AugmentConfig", "augment_batch", "draw_params"]
 
@@ -126,11 +127,6 @@ def augment_batch(images, *, rot90, flip, brightness, saturation, hue, contrast,
         raise ValueError("contrast must be >= 0")
     if img.shape[-3] != img.shape[-2] and np.any(r % 2 == 1):
         raise ValueError(f"rot90 must be even (0 or 2) for non-square images, got shape {img.shape}")
-    if threads is None:
-        threads = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise TypeError(f"threads {threads!r}: must be an integer")
-    if not 1 <= threads <= 1024:  # as the Loader's
-        raise ValueError(f"threads must be in [1, 1024], got {threads}")
+    threads = (os.cpu_count() or 1) if threads is None else check_threads(threads)
     return _core.augment_batch(np.ascontiguousarray(img), r.astype(np.int32), f.astype(np.uint8), b, s, h, c,
-                               out_dtype, int(threads))
+                               out_dtype, threads)

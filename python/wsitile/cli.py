@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW
+from .grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW, MAX_THREADS
 
 
 def _positive_int(text: str) -> int:
@@ -32,8 +32,8 @@ def _positive_int(text: str) -> int:
 
 def _threads(text: str) -> int:
     value = _positive_int(text)
-    if value > 1024:
-        raise argparse.ArgumentTypeError(f"{value} is not <= 1024")
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{value} is not <= {MAX_THREADS}")
     return value
 
 
@@ -177,7 +177,7 @@ def extract(
     from tqdm import tqdm
 
     from .loader import Loader
-    from .masks import atomic_write, available_memory
+    from .masks import atomic_write, require_memory
 
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the output must be a .npz file")
@@ -209,12 +209,12 @@ def extract(
     }
     if save_images:
         shape = (len(grid), len(grid.levels), window, window, 3)
-        need, free = float(np.prod(shape, dtype=np.float64)), available_memory()
-        if free is not None and need > free:  # np.empty would not fail: the copies below would, in the OOM killer
+        try:
+            require_memory(float(np.prod(shape, dtype=np.float64)), f"--save-images: the {len(grid):,} windows' images",
+                           "; use a larger --stride, fewer --levels, or wsitile.Loader to stream them")
+        except MemoryError:
             loader.close()
-            raise MemoryError(f"--save-images: the {len(grid):,} windows' images need {need / 2**30:,.1f} GiB, more than "
-                              f"the {free / 2**30:,.1f} GiB of memory available; use a larger --stride, fewer "
-                              "--levels, or wsitile.Loader to stream them")
+            raise
         images = np.empty(shape, dtype=np.uint8)
         start = time.perf_counter()
         with loader, tqdm(total=len(grid), unit="win", desc="extract", disable=quiet or None) as bar:

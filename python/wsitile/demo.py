@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .grid import check_threads
 from .masks import atomic_write
 
 SEED_KEYS = ("auc", "threshold", "sensitivity", "specificity", "recall", "precision")
@@ -31,8 +32,8 @@ class DemoConfig:
         # Checked before the slides are made, so a typo costs no minutes and leaves no slides/ behind.
         if not 0 < self.train_seconds < float("inf"):
             raise ValueError(f"train_seconds {self.train_seconds}: must be a positive number of seconds")
-        if self.threads is not None and not 1 <= self.threads <= 1024:
-            raise ValueError(f"threads {self.threads}: must be in [1, 1024]")
+        if self.threads is not None:
+            check_threads(self.threads)
         if self.slides < 4:
             raise ValueError(f"slides {self.slides}: the demo needs a held-out tumour slide (use --slides >= 4)")
         from .synth import level_shapes

@@ -67,6 +67,18 @@ def check_int(name: str, value: object) -> int:
     return int(value)
 
 
+#: Most worker threads anything here starts (the C++ Loader's kMaxThreads).
+MAX_THREADS = 1024
+
+
+def check_threads(threads: object) -> int:
+    """`threads` as an int in [1, MAX_THREADS]: TypeError for a non-integer, ValueError out of range."""
+    value = check_int("threads", threads)
+    if not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"threads {value}: must be in [1, {MAX_THREADS}]")
+    return value
+
+
 def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
         raise TypeError(f"levels {levels!r}: must be a sequence of integers")
@@ -197,9 +209,7 @@ def build_grid(
     """
     if not isinstance(slide, Slide):
         slide = Slide(slide)
-    threads = min(default_threads(), 1024) if threads is None else check_int("threads", threads)
-    if not 1 <= threads <= 1024:
-        raise ValueError(f"threads {threads}: must be in [1, 1024]")
+    threads = min(default_threads(), MAX_THREADS) if threads is None else check_threads(threads)
     if tissue_threshold is not None:
         if isinstance(tissue_threshold, bool) or not isinstance(tissue_threshold, (int, float, np.integer, np.floating)):
             raise TypeError(f"tissue_threshold {tissue_threshold!r}: must be a number or None")

@@ -20,8 +20,10 @@ from .grid import (
     DEFAULT_STRIDE,
     DEFAULT_TISSUE_THRESHOLD,
     DEFAULT_WINDOW,
+    MAX_THREADS,
     Grid,
     build_grid,
+    check_threads,
     default_threads,
 )
 from .slide import Slide
@@ -30,8 +32,6 @@ SlideSpec = tuple["str | os.PathLike[str]", "str | os.PathLike[str] | None"]
 
 logger = logging.getLogger(__name__)
 
-#: Most worker threads a loader accepts.
-MAX_THREADS = 1024
 #: Largest cache_mb / tile_cache_mb accepted (1 TiB).
 MAX_CACHE_MB = 2**20
 
@@ -127,9 +127,7 @@ class Loader:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise TypeError(f"{name} {value!r}: must be an integer")
-        threads = min(default_threads(), MAX_THREADS) if threads is None else int(threads)
-        if not 1 <= threads <= MAX_THREADS:
-            raise ValueError(f"threads {threads}: must be in [1, {MAX_THREADS}]")
+        threads = min(default_threads(), MAX_THREADS) if threads is None else check_threads(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
         for name, value in (("cache_mb", cache_mb), ("tile_cache_mb", tile_cache_mb)):

@@ -307,6 +307,15 @@ def available_memory() -> int | None:
     return None
 
 
+def require_memory(need: float, what: str, advice: str = "") -> None:
+    """MemoryError naming `what` when its `need` bytes exceed the memory available. For checks before
+    allocating: a large np.empty succeeds, and only its first writes fail, in the OOM killer."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{what} need {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB of memory "
+                          f"available{advice}")
+
+
 def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callback
     """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)

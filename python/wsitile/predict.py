@@ -14,8 +14,8 @@ import flax
 import jax
 
 from .grid import check_int, validate
-from .masks import available_memory
 from .loader import Loader
+from .masks import require_memory
 from .slide import Slide
 from .training.checkpoints import (
     checkpoint_config,
@@ -96,11 +96,9 @@ def predict_slides(
     batch_size = default_batch_size(cfg.window, tta) if batch_size is None else int(batch_size)
     for slide in slides:  # every slide opened and checked against the model's levels before any work
         validate(Slide(slide), cfg.levels, cfg.window, cfg.center, stride)
-    need = float(batch_size) * len(cfg.levels) * cfg.window**2 * 3 * 2  # a padded batch and its copy on the host
-    free = available_memory()
-    if free is not None and need > free:  # before compiling for it (which would fail only in the loop)
-        raise MemoryError(f"batch_size {batch_size}: a batch of {cfg.window} px windows needs {need / 2**30:,.1f} GiB, "
-                          f"more than the {free / 2**30:,.1f} GiB of memory available")
+    # A padded batch and its copy on the host, checked before compiling for it (it failed only in the loop).
+    require_memory(float(batch_size) * len(cfg.levels) * cfg.window**2 * 3 * 2,
+                   f"batch_size {batch_size}: a batch of {cfg.window} px windows")
 
     def open_loader(slide: str | os.PathLike[str]) -> Loader:
         return Loader(

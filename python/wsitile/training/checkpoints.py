@@ -107,16 +107,21 @@ def _checked_meta(meta: Any, folder: Path) -> dict[str, Any]:
             isinstance(loader.get(k), int) and not isinstance(loader.get(k), bool) for k in ("seed", "epoch", "index"))):
         raise bad("the loader state needs integer seed, epoch and index")
     variables = meta.get("variables")
-    if variables is not None:
-        try:
-            ok = isinstance(variables, dict) and all(
-                isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and np.dtype(dtype) is not None
-                for shape, dtype in variables.values())
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise bad("variables must map names to [shape, dtype]")
+    if variables is not None and not (isinstance(variables, dict) and all(map(_is_shape_and_dtype, variables.values()))):
+        raise bad("variables must map names to [shape, dtype]")
     return dict(meta)
+
+
+def _is_shape_and_dtype(entry: Any) -> bool:
+    """An entry of `_shapes`: [[non-negative ints], a NumPy dtype name]."""
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+            and all(isinstance(d, int) and d >= 0 for d in entry[0])):
+        return False
+    try:
+        np.dtype(entry[1])
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def restore_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, steps: Steps) -> tuple[TrainState, dict]:

@@ -250,7 +250,65 @@ def test_damaged_checkpoint_says_so(run, tmp_path, capsys):
     assert main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(damaged), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "cannot be read (a damaged or incomplete checkpoint?)" in err and str(damaged) in err, err
-    assert err.strip().splitlines()[-1].startswith("wsitile predict: error:") and not out.exists()
+    assert err.count("\n") == 1 and err.startswith("wsitile predict: error:") and not out.exists(), err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_it(run, tmp_path):
+    """A save that cannot write its files (a full disk; here the file-size limit, which fails the same
+    writes with EFBIG) raises one OSError naming the checkpoints folder and the OS's reason, leaves no
+    orbax temporary folder, and prints none of the tracebacks orbax logs from its writer threads (a
+    full disk printed ~140 lines around the CLI's one)."""
+    import subprocess
+    import sys
+
+    full = tmp_path / "full"
+    script = f"""
+import resource, signal
+from pathlib import Path
+from wsitile import train
+run_dir, step = train.find_checkpoint({str(run / "run")!r})
+cfg = train.TrainConfig.from_json(train.read_checkpoint_meta(run_dir, step)["config"])
+state, meta = train.restore_checkpoint(run_dir, step, cfg, train.steps_for(cfg))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+mngr = train.checkpoint_manager(Path({str(full)!r}))
+try:
+    train.save_checkpoint(mngr, state, cfg, meta["loader"])
+except OSError as exc:
+    print("raised", exc.errno, exc)
+finally:
+    mngr.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"raised 27 [Errno 27] cannot save checkpoint 2 in {full / 'checkpoints'}: File too large" in done.stdout, \
+        (done.stdout, done.stderr[-3000:])
+    assert done.stderr == "", done.stderr[-3000:]
+    # No checkpoint; what TensorStore's writes in flight may have left goes with the run's next fit.
+    assert not [p for p in (full / "checkpoints").iterdir() if ".orbax-checkpoint-tmp" not in p.name]
+    mngr = train.checkpoint_manager(full)
+    train.remove_unfinished_saves(mngr)
+    mngr.close()
+    assert list((full / "checkpoints").iterdir()) == []
+
+
+def test_orbax_errors_are_held_until_the_save_or_restore_ends(caplog):
+    """What orbax logs at ERROR during a save or restore is dropped if it then fails (its exception
+    says it) and passed on, after the block, if it succeeds; lower levels pass at once."""
+    import logging
+
+    from wsitile.training.orbax_noise import orbax_noise_held
+
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        with orbax_noise_held():
+            absl.error("recovered")
+            absl.info("progress")
+        with pytest.raises(RuntimeError), orbax_noise_held():
+            absl.error("a writer thread failed")
+            raise RuntimeError("the save failed")
+        absl.error("after")
+    assert [r.getMessage() for r in caplog.records] == ["progress", "recovered", "after"]
 
 
 def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_path, capsys):

@@ -187,7 +187,12 @@ def test_resume_replays_the_same_batches_and_parameters(slides, tmp_path):
     ss = _slide_set(slides)
     fit(cfg, ss, tmp_path / "straight", steps=4, threads=2, progress=False)
     fit(cfg, ss, tmp_path / "killed", steps=2, threads=2, progress=False)  # "killed" after its checkpoint
+    # ... and during its next save: orbax's temporary folder, which the resumed run removes.
+    unfinished = tmp_path / "killed" / "checkpoints" / "3.orbax-checkpoint-tmp-1764600000" / "state"
+    unfinished.mkdir(parents=True)
+    (unfinished / "part").write_bytes(b"x" * 1000)
     fit(cfg, ss, tmp_path / "killed", steps=4, threads=2, progress=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["2", "4"]
     s1, m1, p1 = _params(tmp_path / "straight", cfg)
     s2, m2, p2 = _params(tmp_path / "killed", cfg)
     assert s1 == s2 == 4 and m1["loader"] == m2["loader"]

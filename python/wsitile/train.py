@@ -34,6 +34,7 @@ from .training.checkpoints import (  # noqa: F401
     load_for_inference,
     read_checkpoint_meta,
     read_model_arrays,
+    remove_unfinished_saves,
     restore_checkpoint,
     restore_for_inference,
     save_checkpoint,
@@ -168,6 +169,9 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint_manager(run_dir)
     best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
+    for m in (mngr, best_mngr):
+        if m is not None:
+            remove_unfinished_saves(m)  # an earlier run's failed or killed save
     history = History()
     history_path = run_dir / "history.json"
     if resume and mngr.latest_step() is not None:

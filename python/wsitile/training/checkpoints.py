@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import TrainConfig
+from .orbax_noise import orbax_noise_held
 from .params import flat, nested, trainable_paths, variable_shapes
 from .steps import Steps, TrainState, create_state, steps_for
 
@@ -53,20 +54,33 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainCo
     step = int(state.step)
     meta = {"config": cfg.to_json(), "loader": {k: int(v) for k, v in loader_state.items()}, "step": step,
             "variables": _shapes(state.variables())}
-    with _interrupts_deferred():
+    with _interrupts_deferred(), orbax_noise_held():
         try:
             mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
             mngr.wait_until_finished()
-        except Exception:
-            # A save that failed (a full disk) leaves orbax's STEP.orbax-checkpoint-tmp* folder: never
-            # a checkpoint (it is renamed only when complete), so it goes rather than fill the disk,
-            # once orbax's other writer threads have given up too (they recreate it otherwise).
+        except Exception as exc:
+            # A failed save's temporary folder goes rather than fill the disk, once orbax's writer
+            # threads have stopped (TensorStore's writes in flight can still leave a few small files:
+            # the run's next `fit` removes those).
             with contextlib.suppress(Exception):
                 mngr.close()
-            for tmp in Path(str(mngr.directory)).glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            remove_unfinished_saves(mngr)
+            # TensorStore's message is two paths inside orbax's temporary folder and the OS error's
+            # code; what a user needs is the checkpoint and the reason.
+            code = re.search(r"os_error_code='?(\d+)", str(exc))
+            errno = exc.errno if isinstance(exc, OSError) else int(code[1]) if code else None
+            if errno:
+                raise OSError(errno, f"cannot save checkpoint {step} in {mngr.directory}: {os.strerror(errno)}") from exc
             raise
     return step
+
+
+def remove_unfinished_saves(mngr: ocp.CheckpointManager) -> None:
+    """Removes orbax's STEP.orbax-checkpoint-tmp* folders under the manager's directory: saves that
+    never completed (a full disk, a killed run), never a checkpoint (orbax renames a save's folder
+    only when it is complete). For the run's writer only: to anyone else one may be a save in progress."""
+    for tmp in Path(str(mngr.directory)).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:
@@ -159,7 +173,8 @@ def mismatch_error(run_dir: Path, step: int, cfg: TrainConfig, exc: Exception) -
 def _restore(run_dir: Path, step: int, cfg: TrainConfig, args: ocp.args.Composite) -> Any:
     mngr = checkpoint_manager(run_dir)
     try:
-        return mngr.restore(step, args=args)
+        with orbax_noise_held():
+            return mngr.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as exc:
         raise mismatch_error(run_dir, step, cfg, exc) from None
     finally:

@@ -1,0 +1,99 @@
+"""Quiet around orbax's saves and restores: what orbax and TensorStore print from their own threads
+when one fails (a full disk, a damaged checkpoint) besides the exception it raises, which wsitile
+reports in one line. A failed save printed ~9,000 lines around the CLI's one for a width-0.125 model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from typing import Any, Iterator
+
+
+def _closed_loop_callback(unraisable: Any) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _closed_loop_callbacks_dropped() -> Any:
+    """Makes the process's unraisable-exception hook drop RuntimeError("Event loop is closed") (and
+    only that; everything else goes to the hook it had); returns the hook it had.
+
+    When a save (or restore) fails, orbax closes its event loop while TensorStore writes are still in
+    flight; each of their callbacks into the closed loop is an unraisable exception, printed as a
+    headerless traceback: ~1,400 of them for a width-0.125 model, from the first failed write until
+    after the error has been raised."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return previous  # left by an earlier failure
+
+    def hook(unraisable: Any) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    return previous
+
+
+def _not_an_abandoned_write(record: logging.LogRecord) -> bool:
+    """False for asyncio's "exception was never retrieved" about a write into an orbax temporary
+    folder: a failed save's other writes, logged when their futures are collected (at exit)."""
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message and ".orbax-checkpoint-tmp" in message)
+
+
+def _not_a_writer_thread_failure(record: logging.LogRecord) -> bool:
+    """False for orbax's log of an exception in one of its threads: every such exception is also
+    raised by the save or restore, which wsitile never swallows."""
+    return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+def _quiet_after_a_failed_checkpoint() -> None:
+    """A failed save leaves orbax's and TensorStore's writes running on after its error is raised,
+    and each reports its own failure as it ends or is collected (up to the process's exit): those
+    reports are dropped from then on, as the closed event loop's callbacks are."""
+    absl, asyncio = logging.getLogger("absl"), logging.getLogger("asyncio")
+    if _not_a_writer_thread_failure not in absl.filters:
+        absl.addFilter(_not_a_writer_thread_failure)
+        asyncio.addFilter(_not_an_abandoned_write)
+        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
+class _HeldErrors(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def orbax_noise_held() -> Iterator[None]:
+    """orbax logs each of its worker threads' exceptions, traceback and all, on absl's logger before
+    the save or restore raises the first of them: a full disk printed ~140 lines around the CLI's one.
+    They are held while the block runs: dropped if it raises (its exception says it), passed on if
+    it succeeds (an error orbax logged and recovered from). The closed event loop's callbacks are
+    dropped from the block's start, and after it for good if it fails."""
+    logger = logging.getLogger("absl")
+    held = _HeldErrors()
+    logger.addFilter(held)
+    previous_hook = _closed_loop_callbacks_dropped()
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True  # the hook stays: the callbacks outlive the failed call
+        _quiet_after_a_failed_checkpoint()
+        raise
+    finally:
+        logger.removeFilter(held)
+        if not failed:
+            sys.unraisablehook = previous_hook
+            for record in held.records:
+                logger.handle(record)

@@ -115,6 +115,48 @@ def test_xml_and_tiff_masks_agree(tslide, tumour_slide, cfg, tissue_threshold):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_xml_of_another_slide_is_refused(tslide, tumour_slide, tmp_path, capsys):
+    """An XML whose tumour polygon lies wholly outside the slide (another slide's annotation) is an
+    error naming both files, for the grid, the CLI and evaluation alike (it used to label nothing in
+    `extract` and training without a word); one that only crosses the slide's edge labels what it covers."""
+    from wsitile.cli import main
+    from wsitile.evaluate import window_labels
+    from wsitile.heatmap import Heatmap
+
+    xml = tumour_slide["xml"].read_text()
+    first = xml.index("<Annotation ")
+    polygon = ('<Annotation Name="far" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+               + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}" />'
+                         for i, (x, y) in enumerate([(9000, 100), (9500, 100), (9500, 600)])) +
+               "</Coordinates></Annotation>")
+    other = tmp_path / "other.xml"
+    other.write_text(xml[:first] + polygon + xml[first:])
+    width, height = tslide.dimensions
+    message = rf"{re.escape(str(other))}: tumour polygon 0 \(9000\.\.9500 x 100\.\.600\) lies outside slide .*tumor_001\.tif \({width}x{height}\)"
+    with pytest.raises(ValueError, match=message):
+        wsitile.build_grid(tslide, other, **CONFIGS[0])
+    assert main(["extract", str(tumour_slide["slide"]), "--mask", str(other), "--out", str(tmp_path / "e.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lies outside slide" in err and not (tmp_path / "e.npz").exists(), err
+    grid = wsitile.build_grid(tslide, None, tissue_threshold=None, **CONFIGS[0])
+    heatmap = Heatmap(probs=np.zeros(len(grid), np.float32), coords=grid.coords, slide=str(tslide.path),
+                      levels=np.array(grid.levels), window=grid.window, center=grid.center, stride=grid.stride,
+                      grid_shape=tuple(grid.grid_shape))
+    with pytest.raises(ValueError, match=message):
+        window_labels(heatmap, other)
+
+    # Across the right edge: kept, and labels the windows whose centres it covers.
+    edge = tmp_path / "edge.xml"
+    rectangle = [(width - 300, 100), (width + 500, 100), (width + 500, 1600), (width - 300, 1600)]
+    edge.write_text(xml[:first] + '<Annotation Name="edge" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+                    + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}" />' for i, (x, y) in enumerate(rectangle))
+                    + "</Coordinates></Annotation>" + xml[first:])
+    with_edge = wsitile.build_grid(tslide, edge, tissue_threshold=None, **CONFIGS[0])
+    without = wsitile.build_grid(tslide, tumour_slide["xml"], tissue_threshold=None, **CONFIGS[0])
+    last_column = with_edge.xy[:, 0] == with_edge.xy[:, 0].max()
+    assert with_edge.labels[last_column].sum() > without.labels[last_column].sum()
+
+
 def test_labels_do_not_depend_on_threads(tslide, tumour_slide):
     grids = [
         wsitile.build_grid(tslide, tumour_slide["mask"], tissue_threshold=None, threads=t, **CONFIGS[2])

@@ -110,20 +110,6 @@ def window_labels(heatmap: Heatmap, mask_path: str | os.PathLike[str], threads: 
     mask_path = Path(mask_path)
     if not mask_path.is_file():
         raise FileNotFoundError(f"{mask_path}: no such mask file")
-    if mask_path.suffix.lower() == ".xml":
-        from .masks import read_asap_xml
-
-        width, height = slide.dimensions
-        boxes = read_asap_xml(mask_path).tumour_boxes()
-        outside = np.flatnonzero(
-            (boxes[:, 0] >= width) | (boxes[:, 1] >= height) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
-        )
-        if outside.size:
-            x0, y0, x1, y1 = boxes[outside[0]].tolist()
-            raise ValueError(
-                f"{mask_path}: tumour polygon {outside[0]} ({x0}..{x1} x {y0}..{y1}) lies outside slide "
-                f"{heatmap.slide} ({width}x{height}): mask and slide do not match"
-            )
     threads = default_threads() if threads is None else int(threads)
     return label_windows(slide, mask_path, centre_rects(xy, heatmap.window, heatmap.center, d0), threads)
 

@@ -176,7 +176,9 @@ def label_windows(slide: Slide, mask: str | os.PathLike[str] | None, rects: np.n
     if Path(mask).suffix.lower() == ".xml":
         from .masks import any_tumour, read_asap_xml
 
-        return any_tumour(read_asap_xml(mask), rects).astype(np.uint8)
+        annotations = read_asap_xml(mask)
+        _check_polygons_on_slide(annotations.tumour_boxes(), mask, slide)
+        return any_tumour(annotations, rects).astype(np.uint8)
     mask_slide = Slide(mask)
     if mask_slide.dimensions != slide.dimensions:
         (mw, mh), (sw, sh) = mask_slide.dimensions, slide.dimensions
@@ -189,6 +191,19 @@ def label_windows(slide: Slide, mask: str | os.PathLike[str] | None, rects: np.n
         logger.warning("%s: reading mask tiles failed (%s); labelling through OpenSlide", mask, e)
         labels = None
     return _core.mask_any(mask_slide._slide, rects, threads) if labels is None else labels
+
+
+def _check_polygons_on_slide(boxes: np.ndarray, mask: str, slide: Slide) -> None:
+    """An XML's tumour polygon wholly outside the slide: the annotation of another slide (as a TIFF
+    mask of another size is), which would otherwise label nothing without a word."""
+    width, height = slide.dimensions
+    outside = np.flatnonzero((boxes[:, 0] >= width) | (boxes[:, 1] >= height) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0))
+    if outside.size:
+        x0, y0, x1, y1 = boxes[outside[0]].tolist()
+        raise ValueError(
+            f"{mask}: tumour polygon {outside[0]} ({x0}..{x1} x {y0}..{y1}) lies outside slide {slide.path} "
+            f"({width}x{height}): mask and slide do not match"
+        )
 
 
 def build_grid(

@@ -11,7 +11,7 @@ jax = pytest.importorskip("jax")
 
 from wsitile import train  # noqa: E402
 from wsitile.cli import main  # noqa: E402
-from wsitile.train import SlideSet, TrainConfig, fit  # noqa: E402
+from wsitile.train import TrainConfig  # noqa: E402
 from wsitile.predict import predict_slide  # noqa: E402
 
 CFG = TrainConfig(width=0.125, batch_size=8, tissue_threshold=None, stride=160, learning_rate=0.01)
@@ -19,13 +19,24 @@ CFG = TrainConfig(width=0.125, batch_size=8, tissue_threshold=None, stride=160, 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """Slides and a run folder holding the checkpoint of step 2, saved as `fit` saves it, of the model's
+    initial weights: these tests are about reading a checkpoint and predicting, and compiling the
+    train step for two real steps cost ~50 s here (`fit`'s checkpoints are test_train's and, read by
+    `predict`, test_demo's)."""
+    import dataclasses
+
     from wsitile.synth import write_slide
 
     root = tmp_path_factory.mktemp("predict")
     write_slide(root / "tumor_001.tif", 4096, seed=3, tumour=True)
     write_slide(root / "normal_001.tif", 2048, seed=5, tumour=False)
-    slides = SlideSet(train=((str(root / "tumor_001.tif"), str(root / "tumor_001_mask.tif")),))
-    fit(CFG, slides, root / "run", steps=2, threads=2, progress=False)
+    state = train.steps_for(CFG).place_state(train.create_state(CFG))
+    mngr = train.checkpoint_manager(root / "run")
+    try:
+        train.save_checkpoint(mngr, dataclasses.replace(state, step=jax.numpy.asarray(2, jax.numpy.int32)), CFG,
+                              {"seed": CFG.seed, "epoch": 0, "index": 2 * CFG.batch_size})
+    finally:
+        mngr.close()
     return root
 
 
@@ -165,7 +176,7 @@ def test_checkpoint_config_and_shapes_start_no_backend(run):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     run_dir, step, cfg = train.checkpoint_config(run / "run")
-    assert step == train.find_checkpoint(run / "run")[1] == 2  # fit's steps=2: the last one
+    assert step == train.find_checkpoint(run / "run")[1] == 2  # the latest (the only) one
     shapes = train.saved_shapes(train.read_checkpoint_meta(run_dir, step))
     host = train.read_model_arrays(run_dir, step, cfg, shapes)
     _, placed = train.restore_for_inference(run_dir, step, cfg)

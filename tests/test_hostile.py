@@ -254,6 +254,7 @@ def test_cli_bad_numbers_one_line(small_slide, tmp_path):
         ["extract", small_slide, "--out", out, "--levels", "0", "--stride", str(2**70)],
         ["extract", small_slide, "--out", out, "--levels", "0", "--window", str(-(2**63))],
         ["extract", small_slide, "--out", out, "--levels", "0", "--threads", str(10**6)],
+        ["extract", small_slide, "--out", out, "--levels", "0", "--tissue-threshold", "-1"],  # was "no filter"
         ["synth", str(tmp_path / "s"), "--size", "-5"],
         ["train", str(tmp_path), "--out", run, "--time-limit", "nan"],
         ["train", str(tmp_path), "--out", run, "--time-limit", "-5"],

@@ -704,11 +704,15 @@ def test_bad_slide_spec(tumour):
 def test_no_windows_after_tissue_filter(tmp_path):
     from wsitile.synth import write_slide
 
-    # threshold above 1: nothing can pass
+    # windows wholly on tissue, of a slide whose tissue has glass around it: none
     path = tmp_path / "n.tif"
     write_slide(path, 1024, seed=3, tumour=False)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        wsitile.Loader([(path, None)], levels=(0,), tissue_threshold=1.5)
+        wsitile.Loader([(path, None)], levels=(0,), window=512, stride=512, tissue_threshold=1.0)
+    # a threshold that is not a fraction of the window's area: refused, not "keep none" or "keep all"
+    for bad in (1.5, -1, float("nan")):
+        with pytest.raises(ValueError, match=rf"tissue_threshold {bad}: must be a fraction of the window's area"):
+            wsitile.Loader([(path, None)], levels=(0,), tissue_threshold=bad)
 
 
 # ---- a slide with inexact downsamples -----------------------------------------------------------

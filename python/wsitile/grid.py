@@ -228,8 +228,9 @@ def build_grid(
     if tissue_threshold is not None:
         if isinstance(tissue_threshold, bool) or not isinstance(tissue_threshold, (int, float, np.integer, np.floating)):
             raise TypeError(f"tissue_threshold {tissue_threshold!r}: must be a number or None")
-        if not np.isfinite(tissue_threshold):
-            raise ValueError(f"tissue_threshold {tissue_threshold}: must be finite")
+        if not 0 <= tissue_threshold <= 1:  # also NaN
+            raise ValueError(f"tissue_threshold {tissue_threshold}: must be a fraction of the window's area, "
+                             "in [0, 1] (0 or None: no tissue filter)")
     levels = validate(slide, levels, window, center, stride)
     window, center, stride = int(window), int(center), int(stride)
     base = levels[0]

@@ -392,3 +392,19 @@ def test_compile_cache_reused_by_the_next_process(run, tmp_path):
     assert sum(name.endswith(".exported") for name in entries[0]) == 1, entries[0]
     assert traced == [True, False], "the second process traced the model again"
     np.testing.assert_array_equal(heatmaps[0], heatmaps[1])
+
+
+def test_unusable_compile_cache_is_one_line_and_no_cache(tmp_path, monkeypatch, capsys):
+    """WSITILE_COMPILE_CACHE under a file (or otherwise not writable): one line saying so, and JAX is
+    given no cache folder (it warned in two lines at every compile, beside the exported step's warning)."""
+    from wsitile import cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("WSITILE_COMPILE_CACHE", str(blocker / "jax"))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    cli._compile_cache()
+    assert capsys.readouterr().err == (f"wsitile: compilation cache {blocker / 'jax'} is not usable (Not a directory); "
+                                       "compiling without it\n")
+    assert jax.config.jax_compilation_cache_dir == before

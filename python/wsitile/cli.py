@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -269,6 +270,16 @@ def _compile_cache() -> None:
     default = os.path.join(home, ".cache", "wsitile", "jax") if home not in ("", "~") else "off"  # HOME="": no cache in ./
     folder = os.path.expanduser(os.environ.get("WSITILE_COMPILE_CACHE", default))
     if folder.strip().lower() in ("", "0", "off", "none"):
+        return
+    # A folder that cannot be made or written (a file on the way, read-only): one line, then no cache,
+    # rather than JAX's two-line warning at every compile and the exported step's own.
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        print(f"wsitile: compilation cache {folder} is not usable ({exc.strerror or exc}); compiling without it",
+              file=sys.stderr)
         return
     import jax
 

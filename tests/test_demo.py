@@ -81,3 +81,22 @@ def test_demo_refuses_a_folder_with_a_run_before_any_work(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not an empty folder" in err and str(other) in err, err
     assert (other / "slides" / "tumor_001.tif").read_bytes() == b"my slide"
+
+
+def test_demo_reruns_into_the_empty_folders_a_failed_one_left(tmp_path, capsys, monkeypatch):
+    """A demo that failed making its slides (a full disk) leaves an empty slides/: the rerun goes ahead
+    (it was refused as "not an empty folder"). Stopped here at the slides, which it reached."""
+    from wsitile import synth
+
+    out = tmp_path / "demo"
+    (out / "slides").mkdir(parents=True)
+
+    def reached(*args, **kwargs):
+        raise OSError(28, "the slides, reached")
+
+    monkeypatch.setattr(synth, "synth_dataset", reached)
+    assert main(["demo", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().endswith("the slides, reached")
+    (out / "slides" / "link").symlink_to(tmp_path)  # a link is something
+    assert main(["demo", "--out", str(out)]) == 1
+    assert "is not an empty folder" in capsys.readouterr().err

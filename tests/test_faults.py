@@ -3,6 +3,7 @@ worker exceptions, signals, and writes interrupted part-way."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -448,3 +449,30 @@ def test_a_failed_write_names_its_file(tmp_path):
     with pytest.raises(OSError, match=r"cannot write .*out\.npz: No space left on device") as info:
         atomic_write(target, full)
     assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_files_written_together_land_together_or_not_at_all(tmp_path):
+    """masks.written_together: the block's atomic writes are renamed into place when it ends; when it
+    fails none of them lands (the files from before stay byte for byte) and no temporary file is left.
+    A nested block is settled by the outer one."""
+    from wsitile.masks import atomic_write, written_together
+
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    for path in (a, b):
+        path.write_bytes(b"old " + path.name.encode())
+    with pytest.raises(OSError, match="No space left"):
+        with written_together():
+            atomic_write(a, lambda fh: fh.write(b"new a"))
+            assert a.read_bytes() == b"old a.json"  # not yet
+            atomic_write(b, lambda fh: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a.json", b"old b.png")
+    with written_together():
+        atomic_write(a, lambda fh: fh.write(b"new a"))
+        with written_together():
+            atomic_write(b, lambda fh: fh.write(b"new b"))
+        assert b.read_bytes() == b"old b.png"  # the outer block settles
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
+    atomic_write(a, lambda fh: fh.write(b"alone"))  # outside a block: at once
+    assert a.read_bytes() == b"alone"

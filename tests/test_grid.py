@@ -115,24 +115,32 @@ def test_xml_and_tiff_masks_agree(tslide, tumour_slide, cfg, tissue_threshold):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_xml_of_another_slide_is_refused(tslide, tumour_slide, tmp_path, capsys):
-    """An XML whose tumour polygon lies wholly outside the slide (another slide's annotation) is an
+def test_xml_of_another_slide_is_refused(tslide, tumour_slide, tmp_path, capsys, caplog):
+    """An XML whose tumour polygons all lie wholly outside the slide (another slide's annotation) is an
     error naming both files, for the grid, the CLI and evaluation alike (it used to label nothing in
-    `extract` and training without a word); one that only crosses the slide's edge labels what it covers."""
+    `extract` and training without a word). Only some outside (a stray point): a warning, and the
+    others label as before; one that crosses the slide's edge labels what it covers."""
+    import logging
+
     from wsitile.cli import main
     from wsitile.evaluate import window_labels
     from wsitile.heatmap import Heatmap
 
-    xml = tumour_slide["xml"].read_text()
-    first = xml.index("<Annotation ")
-    polygon = ('<Annotation Name="far" Type="Polygon" PartOfGroup="_0"><Coordinates>'
-               + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}" />'
-                         for i, (x, y) in enumerate([(9000, 100), (9500, 100), (9500, 600)])) +
-               "</Coordinates></Annotation>")
-    other = tmp_path / "other.xml"
-    other.write_text(xml[:first] + polygon + xml[first:])
+    def with_polygons(name, polygons, keep_original):
+        xml = tumour_slide["xml"].read_text()
+        first, last = xml.index("<Annotation "), xml.rindex("</Annotation>") + len("</Annotation>")
+        added = "".join('<Annotation Name="x" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+                        + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}" />' for i, (x, y) in enumerate(points))
+                        + "</Coordinates></Annotation>" for points in polygons)
+        path = tmp_path / name
+        path.write_text(xml[:first] + added + (xml[first:] if keep_original else xml[last:]))
+        return path
+
     width, height = tslide.dimensions
-    message = rf"{re.escape(str(other))}: tumour polygon 0 \(9000\.\.9500 x 100\.\.600\) lies outside slide .*tumor_001\.tif \({width}x{height}\)"
+    far = [(9000, 100), (9500, 100), (9500, 600)]
+    other = with_polygons("other.xml", [far], keep_original=False)
+    message = (rf"{re.escape(str(other))}: tumour polygon 0 \(9000\.\.9500 x 100\.\.600\) lies outside slide "
+               rf".*tumor_001\.tif \({width}x{height}\), as do all 1: mask and slide do not match")
     with pytest.raises(ValueError, match=message):
         wsitile.build_grid(tslide, other, **CONFIGS[0])
     assert main(["extract", str(tumour_slide["slide"]), "--mask", str(other), "--out", str(tmp_path / "e.npz")]) == 1
@@ -145,16 +153,20 @@ def test_xml_of_another_slide_is_refused(tslide, tumour_slide, tmp_path, capsys)
     with pytest.raises(ValueError, match=message):
         window_labels(heatmap, other)
 
+    original = wsitile.build_grid(tslide, tumour_slide["xml"], tissue_threshold=None, **CONFIGS[0])
+    mixed = with_polygons("mixed.xml", [far], keep_original=True)
+    with caplog.at_level(logging.WARNING, logger="wsitile.grid"):
+        labels = wsitile.build_grid(tslide, mixed, tissue_threshold=None, **CONFIGS[0]).labels
+    np.testing.assert_array_equal(labels, original.labels)
+    (warning,) = [r.getMessage() for r in caplog.records if "outside slide" in r.getMessage()]
+    assert warning.startswith(f"{mixed}: tumour polygon 0 (9000..9500 x 100..600)") and "1 of " in warning, warning
+
     # Across the right edge: kept, and labels the windows whose centres it covers.
-    edge = tmp_path / "edge.xml"
-    rectangle = [(width - 300, 100), (width + 500, 100), (width + 500, 1600), (width - 300, 1600)]
-    edge.write_text(xml[:first] + '<Annotation Name="edge" Type="Polygon" PartOfGroup="_0"><Coordinates>'
-                    + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}" />' for i, (x, y) in enumerate(rectangle))
-                    + "</Coordinates></Annotation>" + xml[first:])
+    edge = with_polygons("edge.xml", [[(width - 300, 100), (width + 500, 100), (width + 500, 1600), (width - 300, 1600)]],
+                         keep_original=True)
     with_edge = wsitile.build_grid(tslide, edge, tissue_threshold=None, **CONFIGS[0])
-    without = wsitile.build_grid(tslide, tumour_slide["xml"], tissue_threshold=None, **CONFIGS[0])
     last_column = with_edge.xy[:, 0] == with_edge.xy[:, 0].max()
-    assert with_edge.labels[last_column].sum() > without.labels[last_column].sum()
+    assert with_edge.labels[last_column].sum() > original.labels[last_column].sum()
 
 
 def test_labels_do_not_depend_on_threads(tslide, tumour_slide):

@@ -274,9 +274,10 @@ def _compile_cache() -> None:
     # A folder that cannot be made or written (a file on the way, read-only): one line, then no cache,
     # rather than JAX's two-line warning at every compile and the exported step's own.
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if "://" not in folder:  # gs:// and the like are JAX's to reach
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
     except OSError as exc:
         print(f"wsitile: compilation cache {folder} is not usable ({exc.strerror or exc}); compiling without it",
               file=sys.stderr)

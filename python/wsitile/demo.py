@@ -64,7 +64,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
             raise ValueError(f"{out}: already holds a run (checkpoints/); use another --out or delete it")
     # The demo writes slides/, predictions/, report.md, ... into its folder: another folder's files of
     # those names would be replaced (or, a file where a folder goes, fail it after training).
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # Empty folders are no one's files: those a failed demo left (slides/, on a full disk) do not block
+    # its rerun.
+    if out.exists() and (not out.is_dir() or any(not p.is_dir() or p.is_symlink() for p in out.rglob("*"))):
         raise ValueError(f"{out}: exists and is not an empty folder; the demo needs a new or empty --out")
     # The demo folder is the run directory: checkpoints/, config.json, history.json and training.png
     # from training, then the evaluation's pictures and metrics.json beside them.

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .heatmap import Heatmap, grid_cells, load_heatmap
-from .masks import atomic_write
+from .masks import atomic_write, written_together
 
 __all__ = [
     "METRIC_KEYS",
@@ -155,8 +155,8 @@ def evaluate_heatmap(
         raise ValueError(f"{heatmap_path} (mask {mask_path}): {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The picture that can fail (the grid image, the mask read) first: a failure then writes nothing.
-    save_heatmap_vs_truth(heatmap, mask_path, out_dir / "heatmap_vs_truth.png")
-    save_roc(labels, heatmap.probs, out_dir / "roc.png", threshold=metrics["threshold"])
-    write_json(out_dir / "metrics.json", metrics)  # last: its presence says the evaluation completed
+    with written_together():  # all three or, on a failure, the previous ones as they were
+        save_heatmap_vs_truth(heatmap, mask_path, out_dir / "heatmap_vs_truth.png")
+        save_roc(labels, heatmap.probs, out_dir / "roc.png", threshold=metrics["threshold"])
+        write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -68,7 +68,7 @@ from scipy import ndimage
 from skimage import measure
 
 from .heatmap import Heatmap, base_downsample, grid_image, load_heatmap
-from .masks import atomic_write, rasterize, read_asap_xml
+from .masks import atomic_write, rasterize, read_asap_xml, written_together
 
 __all__ = [
     "CANDIDATE_THRESHOLD",
@@ -600,14 +600,15 @@ def run_froc(
         notes.append(str(exc))
     metrics = {"froc": froc, "slide_auc": auc}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for summary, dets in zip(summaries, all_dets):
-        write_detections_csv(out_dir / f"{Path(summary.slide).stem}.csv", dets)
-    write_json(out_dir / "metrics.json", metrics)
-    if result is None:
-        save_froc(np.zeros(0), np.zeros(0), out_dir / "froc.png", title="FROC undefined (no lesion)")
-    else:
-        save_froc(result.fps, result.sensitivity, out_dir / "froc.png", score=result.score,
-                  fp_rates=result.fp_rates, sensitivities=result.sensitivities.tolist())
+    with written_together():  # the CSVs, metrics and picture of one run, or the previous ones
+        for summary, dets in zip(summaries, all_dets):
+            write_detections_csv(out_dir / f"{Path(summary.slide).stem}.csv", dets)
+        write_json(out_dir / "metrics.json", metrics)
+        if result is None:
+            save_froc(np.zeros(0), np.zeros(0), out_dir / "froc.png", title="FROC undefined (no lesion)")
+        else:
+            save_froc(result.fps, result.sensitivity, out_dir / "froc.png", score=result.score,
+                      fp_rates=result.fp_rates, sensitivities=result.sensitivities.tolist())
     return FrocReport(metrics, result, summaries, notes)
 
 

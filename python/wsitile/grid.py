@@ -194,16 +194,18 @@ def label_windows(slide: Slide, mask: str | os.PathLike[str] | None, rects: np.n
 
 
 def _check_polygons_on_slide(boxes: np.ndarray, mask: str, slide: Slide) -> None:
-    """An XML's tumour polygon wholly outside the slide: the annotation of another slide (as a TIFF
-    mask of another size is), which would otherwise label nothing without a word."""
+    """Every tumour polygon of an XML wholly outside the slide: the annotation of another slide (as a
+    TIFF mask of another size is), which would otherwise label nothing without a word. Only some of
+    them outside (a stray point, a stroke past the edge): a warning naming the first."""
     width, height = slide.dimensions
     outside = np.flatnonzero((boxes[:, 0] >= width) | (boxes[:, 1] >= height) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0))
-    if outside.size:
-        x0, y0, x1, y1 = boxes[outside[0]].tolist()
-        raise ValueError(
-            f"{mask}: tumour polygon {outside[0]} ({x0}..{x1} x {y0}..{y1}) lies outside slide {slide.path} "
-            f"({width}x{height}): mask and slide do not match"
-        )
+    if not outside.size:
+        return
+    x0, y0, x1, y1 = boxes[outside[0]].tolist()
+    where = f"tumour polygon {outside[0]} ({x0}..{x1} x {y0}..{y1}) lies outside slide {slide.path} ({width}x{height})"
+    if outside.size == len(boxes):
+        raise ValueError(f"{mask}: {where}, as do all {len(boxes)}: mask and slide do not match")
+    logger.warning("%s: %s (%d of %d polygons outside; they label nothing)", mask, where, outside.size, len(boxes))
 
 
 def build_grid(

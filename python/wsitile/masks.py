@@ -25,13 +25,15 @@ a file is a ``ValueError`` naming the path (a missing file is ``FileNotFoundErro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
 import stat
+import threading
 import xml.etree.ElementTree as ET
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,8 +318,12 @@ def require_memory(need: float, what: str, advice: str = "") -> None:
                           f"available{advice}")
 
 
+_together = threading.local()  # .pending: [(temporary, path)] of the innermost written_together block
+
+
 def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callback
-    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (inside a ``written_together`` block of this thread: when the block ends)."""
     path = Path(path)
     # open(..., "xb") rather than mkstemp: the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -326,6 +332,10 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callbac
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        pending = getattr(_together, "pending", None)
+        if pending is not None:
+            pending.append((tmp, path))
+            return
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -336,6 +346,34 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callbac
             # "[Errno 28] No space left on device" alone does not say which file
             raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         raise
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """Files that belong together (a heatmap and its picture; an evaluation's metrics and plots): the
+    ``atomic_write`` calls of this thread inside the block keep their temporary files, which are all
+    renamed into place when the block ends without error, and all removed when it fails. A failure
+    then leaves the files from before as they were: not some new and some old, nor half a pair."""
+    if getattr(_together, "pending", None) is not None:  # nested: the outer block settles
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    _together.pending = pending
+    try:
+        yield
+        _together.pending = None
+        while pending:
+            tmp, path = pending[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+            pending.pop(0)
+    finally:
+        _together.pending = None
+        for tmp, _ in pending:  # a failure: what was written in the block goes
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax
 
 from .grid import check_int, validate
 from .loader import Loader
-from .masks import require_memory
+from .masks import require_memory, written_together
 from .slide import Slide
 from .training.checkpoints import (
     checkpoint_config,
@@ -182,12 +182,9 @@ def predict_slides(
                 grid_shape=grid.grid_shape,
                 slide=os.path.abspath(slide),
             )
-            save_heatmap(out_dir / "heatmap.npz", heatmap)
-            try:
+            with written_together():  # the pair or nothing; a failure keeps the previous pair
+                save_heatmap(out_dir / "heatmap.npz", heatmap)
                 save_heatmap_png(heatmap, slide, out_dir / "heatmap.png", backdrop=backdrop.result())
-            except BaseException:  # the pair or nothing: no heatmap.npz without its picture
-                (out_dir / "heatmap.npz").unlink(missing_ok=True)
-                raise
             summaries.append({"windows": float(len(grid)), "rate": len(grid) / max(loop, 1e-9),
                               "start": start - t0, "loop": loop, "write": time.perf_counter() - start - loop})
             if on_slide is not None:

@@ -4,6 +4,7 @@ interrupts held; finding, reading and restoring them, and loading one for infere
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from .config import TrainConfig
 from .orbax_noise import orbax_noise_held
 from .params import flat, nested, trainable_paths, variable_shapes
 from .steps import Steps, TrainState, create_state, steps_for
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_manager(run_dir: Path) -> ocp.CheckpointManager:
@@ -59,6 +62,12 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, cfg: TrainCo
             mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
             mngr.wait_until_finished()
         except Exception as exc:
+            if step in ocp.utils.checkpoint_steps(Path(str(mngr.directory))):
+                # Committed: what failed came after it (removing an older checkpoint, e.g. an NFS
+                # folder kept busy by a .nfsXXXX file). The run goes on from a good checkpoint.
+                log.warning("%s: checkpoint %d saved, but removing an older one failed: %s", mngr.directory, step,
+                            " ".join(str(exc).split())[:300])
+                return step
             # A failed save's temporary folder goes rather than fill the disk, once orbax's writer
             # threads have stopped (TensorStore's writes in flight can still leave a few small files:
             # the run's next `fit` removes those).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -58,7 +59,10 @@ def _quiet_after_a_failed_checkpoint() -> None:
     if _not_a_writer_thread_failure not in absl.filters:
         absl.addFilter(_not_a_writer_thread_failure)
         asyncio.addFilter(_not_an_abandoned_write)
-        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+        # orbax's serialisation coroutines (write_fragment, _write_metadata_after_commits, ...):
+        # named, so that the user's own un-awaited coroutines still warn.
+        warnings.filterwarnings("ignore", r"coroutine '[^']*(write|serializ|commit)[^']*' was never awaited",
+                                RuntimeWarning)
 
 
 class _HeldErrors(logging.Filter):
@@ -73,27 +77,48 @@ class _HeldErrors(logging.Filter):
         return False
 
 
+# Overlapping blocks (threads saving or restoring at once) share one held list and one hook: set up
+# by the first to enter, settled by the last to leave.
+_lock = threading.Lock()
+_depth = 0
+_held = _HeldErrors()
+_previous_hook: Any = None
+_any_failed = False
+
+
 @contextlib.contextmanager
 def orbax_noise_held() -> Iterator[None]:
     """orbax logs each of its worker threads' exceptions, traceback and all, on absl's logger before
     the save or restore raises the first of them: a full disk printed ~140 lines around the CLI's one.
-    They are held while the block runs: dropped if it raises (its exception says it), passed on if
-    it succeeds (an error orbax logged and recovered from). The closed event loop's callbacks are
-    dropped from the block's start, and after it for good if it fails."""
-    logger = logging.getLogger("absl")
-    held = _HeldErrors()
-    logger.addFilter(held)
-    previous_hook = _closed_loop_callbacks_dropped()
+    They are held while the block runs: dropped if it raises an error (its exception says it), passed
+    on if it succeeds (an error orbax logged and recovered from) or is interrupted (Ctrl-C). The
+    closed event loop's callbacks are dropped from the block's start, and after it for good if it
+    fails. Blocks that overlap settle together when the last one ends: the held logs go if any failed."""
+    global _depth, _held, _previous_hook, _any_failed
+    absl = logging.getLogger("absl")
+    with _lock:
+        if _depth == 0:
+            _held, _any_failed = _HeldErrors(), False
+            absl.addFilter(_held)
+            _previous_hook = _closed_loop_callbacks_dropped()
+        _depth += 1
     failed = False
     try:
         yield
-    except BaseException:
-        failed = True  # the hook stays: the callbacks outlive the failed call
-        _quiet_after_a_failed_checkpoint()
+    except Exception:
+        failed = True
         raise
     finally:
-        logger.removeFilter(held)
-        if not failed:
-            sys.unraisablehook = previous_hook
-            for record in held.records:
-                logger.handle(record)
+        with _lock:
+            if failed:
+                _any_failed = True
+                _quiet_after_a_failed_checkpoint()  # the hook stays too: the callbacks outlive the call
+            _depth -= 1
+            last, replay = _depth == 0, []
+            if last:
+                absl.removeFilter(_held)
+                if not _any_failed:
+                    sys.unraisablehook = _previous_hook
+                    replay = _held.records
+        for record in replay:
+            absl.handle(record)

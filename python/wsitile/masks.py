@@ -343,9 +343,13 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(fh) callbac
         except FileNotFoundError:
             pass
         if isinstance(exc, OSError) and exc.errno is not None and str(path) not in str(exc):
-            # "[Errno 28] No space left on device" alone does not say which file
-            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+            raise _naming(path, exc) from exc
         raise
+
+
+def _naming(path: Path, exc: OSError) -> OSError:
+    # "[Errno 28] No space left on device" alone does not say which file
+    return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}")
 
 
 @contextlib.contextmanager
@@ -361,13 +365,12 @@ def written_together() -> Iterator[None]:
     _together.pending = pending
     try:
         yield
-        _together.pending = None
         while pending:
             tmp, path = pending[0]
             try:
                 os.replace(tmp, path)
             except OSError as exc:
-                raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+                raise _naming(path, exc) from exc
             pending.pop(0)
     finally:
         _together.pending = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -29,3 +30,26 @@ def normal_slide(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("normal") / "normal_001.tif"
     write_slide(path, 4096, seed=11, tumour=False)
     return path
+
+
+@pytest.fixture
+def disk_full():
+    """A stand-in for a function that writes, failing as it would on a full disk (ENOSPC)."""
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return fail
+
+
+@pytest.fixture
+def earlier_files():
+    """earlier_files(folder, names): an earlier run's outputs in `folder` (made), as placeholder bytes;
+    returns {name: bytes} to compare the folder with after a failed rewrite."""
+    def write(folder: Path, names) -> dict[str, bytes]:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {name: f"an earlier {name}".encode() for name in names}
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return files
+
+    return write

@@ -230,21 +230,15 @@ def test_evaluate_end_to_end(tumour_slide, tumour_grid, tumour_heatmap, tmp_path
     assert evaluate_heatmap(tumour_heatmap, tumour_slide["mask"], tmp_path / "eval_tif") == metrics
 
 
-def test_failed_evaluation_keeps_the_previous_files(tumour_slide, tumour_heatmap, tmp_path, monkeypatch):
+def test_failed_evaluation_keeps_the_previous_files(tumour_slide, tumour_heatmap, tmp_path, monkeypatch, disk_full,
+                                                    earlier_files):
     """The third file failing (metrics.json) leaves the previous evaluation's three files as they
     were, not new pictures beside old metrics."""
     import wsitile.evaluate
 
     out = tmp_path / "eval"
-    out.mkdir()
-    before = {name: f"an earlier {name}".encode() for name in ("heatmap_vs_truth.png", "metrics.json", "roc.png")}
-    for name, data in before.items():
-        (out / name).write_bytes(data)
-
-    def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(wsitile.evaluate, "write_json", fail)
+    before = earlier_files(out, ("heatmap_vs_truth.png", "metrics.json", "roc.png"))
+    monkeypatch.setattr(wsitile.evaluate, "write_json", disk_full)
     with pytest.raises(OSError, match="No space left"):
         evaluate_heatmap(tumour_heatmap, tumour_slide["mask"], out, threads=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

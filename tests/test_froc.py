@@ -358,21 +358,14 @@ def test_froc_cli_on_a_tumour_and_a_normal_slide(froc_inputs, capsys):
     assert froc_score(dets, [lesion, None]).score == metrics["froc"]
 
 
-def test_failed_froc_keeps_the_previous_files(froc_inputs, tmp_path, monkeypatch):
+def test_failed_froc_keeps_the_previous_files(froc_inputs, tmp_path, monkeypatch, disk_full, earlier_files):
     """The picture failing, written last, leaves the previous run's CSVs and metrics as they were,
     not new CSVs beside old metrics."""
     import wsitile.plots
 
     out = tmp_path / "f"
-    out.mkdir()
-    before = {name: f"an earlier {name}".encode() for name in ("froc.png", "metrics.json", "normal_001.csv", "tumor_001.csv")}
-    for name, data in before.items():
-        (out / name).write_bytes(data)
-
-    def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(wsitile.plots, "save_froc", fail)
+    before = earlier_files(out, ("froc.png", "metrics.json", "normal_001.csv", "tumor_001.csv"))
+    monkeypatch.setattr(wsitile.plots, "save_froc", disk_full)
     with pytest.raises(OSError, match="No space left"):
         froc_evaluate([froc_inputs["tumour"], froc_inputs["normal"]], froc_inputs["masks"], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

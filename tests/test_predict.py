@@ -420,7 +420,7 @@ def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_
     assert code == 1 and err.count("\n") == 1 and "out of memory: batch_size 100000000" in err and not out.exists(), err
 
 
-def test_heatmap_pair_or_nothing(run, tmp_path, monkeypatch):
+def test_heatmap_pair_or_nothing(run, tmp_path, monkeypatch, disk_full):
     """When the picture cannot be written, the new heatmap.npz does not land either, and the previous
     pair stays as it was (the new npz used to replace the old one and then be deleted with it)."""
     import wsitile.plots
@@ -428,11 +428,7 @@ def test_heatmap_pair_or_nothing(run, tmp_path, monkeypatch):
     out = tmp_path / "p"
     predict_slide(run / "tumor_001.tif", run / "run", out, batch_size=16, progress=False)
     before = {name: (out / name).read_bytes() for name in ("heatmap.npz", "heatmap.png")}
-
-    def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(wsitile.plots, "save_heatmap_png", fail)
+    monkeypatch.setattr(wsitile.plots, "save_heatmap_png", disk_full)
     with pytest.raises(OSError, match="No space left"):
         predict_slide(run / "tumor_001.tif", run / "run", out, batch_size=16, stride=160, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -89,7 +89,8 @@ def window_labels(heatmap: Heatmap, mask_path: str | os.PathLike[str], threads: 
     """Centre-rule labels (uint8) of the heatmap's windows from a mask TIFF or ASAP XML.
 
     Needs the heatmap's slide (its downsamples and size). A mask TIFF of another level-0 size, or an
-    XML with a tumour polygon wholly outside the slide, is a ValueError naming both files.
+    XML whose tumour polygons all lie wholly outside the slide, is a ValueError naming both files
+    (``grid.label_windows``; some outside: a warning).
     """
     from .grid import centre_rects, default_threads, label_windows
     from .slide import Slide

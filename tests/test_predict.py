@@ -392,15 +392,19 @@ def test_a_saved_checkpoint_is_not_reported_as_failed(run, tmp_path, caplog):
 
 
 def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_path, capsys):
-    """Metadata without its config, with a loader state or shapes of the wrong kind, or with a width
-    given as a string: one line naming the checkpoint (were KeyError / AttributeError tracebacks).
+    """Metadata without its config, with a loader state or shapes of the wrong kind, with a width
+    given as a string or window settings out of range: one line naming the checkpoint (were KeyError /
+    AttributeError tracebacks, and a negative tissue threshold an error that did not name it).
     A fractional stride is refused, not truncated."""
     import json
     import shutil
 
     for name, edit in (("noconfig", lambda m: m.pop("config")), ("loader", lambda m: m.update(loader={"seed": 0})),
                        ("variables", lambda m: m.update(variables=[1])),
-                       ("width", lambda m: m["config"].update(width="wide"))):
+                       ("width", lambda m: m["config"].update(width="wide")),
+                       ("threshold", lambda m: m["config"].update(tissue_threshold=-0.5)),
+                       ("levels", lambda m: m["config"].update(levels=[3, 2])),
+                       ("center", lambda m: m["config"].update(center=500))):
         edited = tmp_path / name
         shutil.copytree(run / "run" / "checkpoints", edited / "checkpoints")
         (meta_file,) = edited.glob("checkpoints/*/meta/metadata")
@@ -410,6 +414,7 @@ def test_edited_checkpoint_metadata_and_bad_arguments_fail_in_one_line(run, tmp_
         code = main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(edited), "--out", str(tmp_path / "p")])
         err = capsys.readouterr().err
         assert code == 1 and err.count("\n") == 1 and str(edited) in err, (name, err)
+        assert name not in ("threshold", "levels", "center") or "saved settings do not parse" in err, (name, err)
     with pytest.raises(TypeError, match="stride 80.7: must be an integer"):
         predict_slide(run / "tumor_001.tif", run / "run", tmp_path / "q", stride=80.7)
     # A batch that cannot fit in memory: one line before compiling (it failed in the loop, after it).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,25 @@ def test_defaults_follow_liu_et_al():
     assert TrainConfig(weights="x.h5").lr == 0.002 and TrainConfig().lr == 0.05
     assert TrainConfig(weights="x.h5").boundary == 150 and TrainConfig().boundary == 0
     assert TrainConfig(weights="x.h5", fine_tune_from=200).boundary == 200
+
+
+@pytest.mark.parametrize("bad, error, needle", [
+    (dict(window=0), ValueError, "window 0"), (dict(center=81), ValueError, "center 81"),
+    (dict(stride=2.5), TypeError, "stride 2.5"), (dict(levels=(3, 2)), ValueError, "must increase"),
+    (dict(levels=()), ValueError, "at least one"), (dict(levels=(-1, 2)), ValueError, "levels"),
+    (dict(tissue_threshold=-0.1), ValueError, "tissue_threshold -0.1"),
+    (dict(tissue_threshold=float("nan")), ValueError, "tissue_threshold nan"),
+    (dict(halve_every=0), ValueError, "halve_every 0"), (dict(fine_tune_from=-3), ValueError, "fine_tune_from -3"),
+    (dict(batch_size=8.0), TypeError, "batch_size 8.0"), (dict(seed="0"), TypeError, "seed '0'"),
+])
+def test_config_refuses_settings_no_grid_or_run_could_use(bad, error, needle):
+    """Checked when the config is made (before any slide is read), not first when a grid is built;
+    from a saved config.json the same errors name the file's folder."""
+    with pytest.raises(error, match=re.escape(needle)):
+        TrainConfig(**bad)
+    saved = {**TrainConfig().to_json(), **{k: list(v) if isinstance(v, tuple) else v for k, v in bad.items()}}
+    with pytest.raises(ValueError, match=re.escape("run/checkpoints/3: its saved settings do not parse") + ".*" + re.escape(needle)):
+        TrainConfig.from_json(saved, source="run/checkpoints/3")
 
 
 @pytest.fixture(scope="module")

@@ -79,23 +79,38 @@ def check_threads(threads: object) -> int:
     return value
 
 
-def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
+def check_window_settings(
+    levels: Sequence[int], window: int, center: int, stride: int, tissue_threshold: float | None = None
+) -> tuple[tuple[int, ...], int, int, int]:
+    """(levels, window, center, stride) as ints, checked without a slide (a training config checks
+    them before any slide is read): TypeError for a non-integer, ValueError for a value out of range."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
         raise TypeError(f"levels {levels!r}: must be a sequence of integers")
     levels = tuple(check_int("levels", lvl) for lvl in levels)
     window, center, stride = check_int("window", window), check_int("center", center), check_int("stride", stride)
     if not levels:
         raise ValueError("levels: give at least one tower level")
-    for lvl in levels:
-        slide.check_level(lvl)
     if any(b <= a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"levels {levels}: must increase (tower 0 is the finest level)")
-    if window < 1:
-        raise ValueError(f"window {window}: must be >= 1")
+    if not 1 <= window <= MAX_SIZE:
+        raise ValueError(f"window {window}: must be in [1, 2**40]")
     if not 1 <= center <= window:
         raise ValueError(f"center {center}: must be between 1 and the window ({window})")
     if not 1 <= stride <= MAX_SIZE:
         raise ValueError(f"stride {stride}: must be in [1, 2**40]")
+    if tissue_threshold is not None:
+        if isinstance(tissue_threshold, bool) or not isinstance(tissue_threshold, (int, float, np.integer, np.floating)):
+            raise TypeError(f"tissue_threshold {tissue_threshold!r}: must be a number or None")
+        if not 0 <= tissue_threshold <= 1:  # also NaN
+            raise ValueError(f"tissue_threshold {tissue_threshold}: must be a fraction of the window's area, "
+                             "in [0, 1] (0 or None: no tissue filter)")
+    return levels, window, center, stride
+
+
+def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
+    levels, window, _, _ = check_window_settings(levels, window, center, stride)
+    for lvl in levels:
+        slide.check_level(lvl)
     width, height = slide.level_dimensions[levels[0]]
     if window > min(width, height):
         raise ValueError(
@@ -227,12 +242,7 @@ def build_grid(
     if not isinstance(slide, Slide):
         slide = Slide(slide)
     threads = min(default_threads(), MAX_THREADS) if threads is None else check_threads(threads)
-    if tissue_threshold is not None:
-        if isinstance(tissue_threshold, bool) or not isinstance(tissue_threshold, (int, float, np.integer, np.floating)):
-            raise TypeError(f"tissue_threshold {tissue_threshold!r}: must be a number or None")
-        if not 0 <= tissue_threshold <= 1:  # also NaN
-            raise ValueError(f"tissue_threshold {tissue_threshold}: must be a fraction of the window's area, "
-                             "in [0, 1] (0 or None: no tissue filter)")
+    check_window_settings(levels, window, center, stride, tissue_threshold)
     levels = validate(slide, levels, window, center, stride)
     window, center, stride = int(window), int(center), int(stride)
     base = levels[0]

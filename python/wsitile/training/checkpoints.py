@@ -194,10 +194,7 @@ def checkpoint_config(checkpoint: str | os.PathLike[str]) -> tuple[Path, int, Tr
     """(run directory, step, config) of the latest checkpoint under `checkpoint`, without its arrays."""
     run_dir, step = find_checkpoint(checkpoint)
     meta = read_checkpoint_meta(run_dir, step)
-    try:
-        return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir))
-    except TypeError as exc:  # a value of the wrong type (a width as a string): from_json names the rest
-        raise ValueError(f"{run_dir / 'checkpoints' / str(step)}: its saved settings do not parse ({exc})") from None
+    return run_dir, step, TrainConfig.from_json(meta["config"], source=str(run_dir / "checkpoints" / str(step)))
 
 
 def saved_shapes(meta: dict[str, Any]) -> dict[str, Any] | None:

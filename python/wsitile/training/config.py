@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..grid import DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW
+from ..grid import (DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW,
+                    check_int, check_window_settings)
 from ..models import TwoTower
 
 SEED_BOUNDARY = 150  # the seed: `for layer in model.layers[:150]: layer.trainable = False`
@@ -37,7 +38,18 @@ class TrainConfig:
     dtype: str = "auto"  # compute: "auto" (bfloat16 on GPU, float32 elsewhere), "float32", "bfloat16", "float64" (checks; needs jax_enable_x64)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        # The window settings are checked here too, not only when a grid is built: a typo fails
+        # `wsitile train` before any slide is read, and an edited config.json fails `predict` naming it.
+        levels, *_ = check_window_settings(self.levels, self.window, self.center, self.stride, self.tissue_threshold)
+        if levels[0] < 0:  # the rest is checked against each slide's pyramid
+            raise ValueError(f"levels {levels}: must be >= 0")
+        object.__setattr__(self, "levels", levels)
+        for name in ("batch_size", "halve_every", "seed"):
+            check_int(name, getattr(self, name))
+        if self.fine_tune_from is not None and check_int("fine_tune_from", self.fine_tune_from) < 0:
+            raise ValueError(f"fine_tune_from {self.fine_tune_from}: must be >= 0 (a Keras layer index)")
+        if self.halve_every < 1:
+            raise ValueError(f"halve_every {self.halve_every}: must be >= 1 (examples per learning-rate halving)")
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"optimizer {self.optimizer!r}: expected 'rmsprop' or 'adam'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float64"):
@@ -75,11 +87,15 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """The config saved as `d`; ValueError naming `source` for an unknown, mistyped or out-of-range setting."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:  # a width as a string, a negative threshold
+            raise ValueError(f"{source}: its saved settings do not parse ({exc})") from None
 
 
 def build_model(cfg: TrainConfig) -> TwoTower:

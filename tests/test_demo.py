@@ -100,3 +100,21 @@ def test_demo_reruns_into_the_empty_folders_a_failed_one_left(tmp_path, capsys, 
     (out / "slides" / "link").symlink_to(tmp_path)  # a link is something
     assert main(["demo", "--out", str(out)]) == 1
     assert "is not an empty folder" in capsys.readouterr().err
+
+
+def test_demo_results_are_written_together(tmp_path, monkeypatch, disk_full, earlier_files):
+    """metrics.json and report.md (which shows those metrics): a report that cannot be written
+    leaves both files as they were, not new metrics beside an old report."""
+    from wsitile import demo
+
+    earlier = earlier_files(tmp_path, ["metrics.json", "report.md"])
+    write = demo.atomic_write
+    monkeypatch.setattr(demo, "atomic_write", lambda path, fn: disk_full() if path.name == "report.md" else write(path, fn))
+    metrics = dict.fromkeys((*demo.SEED_KEYS, "froc", "slide_auc"), 0.5) | dict(n_windows=10, n_tumour=2, seconds=1.0)
+    with pytest.raises(OSError, match="No space left"):
+        demo._write_results(tmp_path, metrics, "tumor_001.tif", ["tumor_001.tif"], [])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
+    monkeypatch.setattr(demo, "atomic_write", write)
+    demo._write_results(tmp_path, metrics, "tumor_001.tif", ["tumor_001.tif"], [])
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "| froc | 0.50000 |" in (tmp_path / "report.md").read_text()

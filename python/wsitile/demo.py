@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .grid import check_threads
-from .masks import atomic_write
+from .masks import atomic_write, written_together
 
 SEED_KEYS = ("auc", "threshold", "sensitivity", "specificity", "recall", "precision")
 
@@ -117,8 +117,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, float | None]:  # noqa: AN
         n_tumour=int(window["n_tumour"]),
         seconds=round(time.monotonic() - t0, 1),
     )
-    atomic_write(out / "metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
-    _write_report(out, metrics, tumour_slide, [s for s, _ in test_items], notes)
+    _write_results(out, metrics, tumour_slide, [s for s, _ in test_items], notes)
     for note in notes:
         log(f"note: {note}")
     log(f"[5/5] report -> {out / 'report.md'}")
@@ -137,6 +136,15 @@ def seed_table(metrics: dict[str, float | None]) -> str:
     rows = [(k.upper() if k == "auc" else k.capitalize(), metrics[k]) for k in SEED_KEYS]
     rows += [("FROC", metrics["froc"]), ("Slide AUC", metrics["slide_auc"])]
     return "\n".join(f"{name:<12} {_fmt(value)}" for name, value in rows)
+
+
+def _write_results(
+    out: Path, metrics: dict[str, float | None], tumour_slide: str, test_slides: list[str], notes: list[str]
+) -> None:
+    """metrics.json and report.md, which shows them: both or (a failed write) neither."""
+    with written_together():
+        atomic_write(out / "metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
+        _write_report(out, metrics, tumour_slide, test_slides, notes)
 
 
 def _write_report(

@@ -221,8 +221,46 @@ def test_resume_replays_the_same_batches_and_parameters(slides, tmp_path):
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert history["step"] == [1, 2, 3, 4] and len(history["val_auc"]) == 2
     assert (tmp_path / "killed" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    # A second process training into the folder (a requeued job while the first still runs) is refused
+    # naming the holder, and leaves the holder's save in progress alone; once the holder ends, it is not.
+    in_progress = tmp_path / "killed" / "checkpoints" / "5.orbax-checkpoint-tmp-1764600001"
+    in_progress.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom wsitile.train import run_dir_locked\n"
+         "with run_dir_locked(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)", str(tmp_path / "killed")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=rf"killed: another training process \(pid {holder.pid}\) is writing"):
+            fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False, resume=True)
+        assert in_progress.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # past the lock, which the holder's end freed
         fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False)
+    assert not in_progress.exists()
+
+
+def test_run_lock_is_exclusive_removed_when_done_and_optional_where_locks_fail(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from wsitile.training import checkpoints
+
+    with train.run_dir_locked(tmp_path):
+        assert (tmp_path / checkpoints.RUN_LOCK).read_text() == str(os.getpid())
+        with pytest.raises(ValueError, match=f"another training process \\(pid {os.getpid()}\\)"):
+            with train.run_dir_locked(tmp_path):  # flock: another open of the file, as another process's
+                pass
+    assert list(tmp_path.iterdir()) == []  # the folder is left as it was
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(checkpoints.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"), train.run_dir_locked(tmp_path):
+        pass
+    assert "cannot be locked (No locks available)" in caplog.text
 
 
 def test_best_validation_checkpoint_is_kept(slides, tmp_path, monkeypatch):

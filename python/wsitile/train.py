@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import jax
+import orbax.checkpoint as ocp
 
 from .loader import Loader
 from .manifest import manifest_slides, mask_for  # noqa: F401 - mask_for is part of this module's API
@@ -32,6 +33,7 @@ from .training.checkpoints import (  # noqa: F401
     find_checkpoint,
     inference_target,
     load_for_inference,
+    run_dir_locked,
     read_checkpoint_meta,
     read_model_arrays,
     remove_unfinished_saves,
@@ -107,10 +109,9 @@ def fit(
     checkpoint of the best validation AUC so far (`predict --checkpoint RUN/best`), as Keras's
     ModelCheckpoint(save_best_only=True): a time-limited run stops wherever it is. With `resume`,
     continues from the latest checkpoint there: the same batches and parameters follow as in an
-    uninterrupted run.
+    uninterrupted run. One process at a time trains into `run_dir` (it holds RUN/.wsitile-train.lock
+    while it runs; a second is refused naming the first's pid).
     """
-    from tqdm import tqdm
-
     if steps is None and epochs is None and time_limit is None:
         raise ValueError("give steps, epochs or time_limit: training needs a bound")
     if time_limit is not None and not 0 < time_limit < float("inf"):
@@ -166,9 +167,31 @@ def fit(
             threads=threads, shuffle=False,
         )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mngr = checkpoint_manager(run_dir)
-    best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_dir_locked(run_dir):  # before anything in the folder is read or removed
+            mngr = checkpoint_manager(run_dir)
+            best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
+            try:
+                return _train(cfg, ex, loader, val_loader, fresh, run_dir, mngr, best_mngr, resume, steps, epochs,
+                              time_limit, log_every, progress)
+            finally:
+                mngr.close()
+                if best_mngr is not None:
+                    best_mngr.close()
+    finally:
+        loader.close()
+        if val_loader is not None:
+            val_loader.close()
+
+
+def _train(cfg: TrainConfig, ex: Steps, loader: Loader, val_loader: Loader | None, fresh: TrainState | None,
+           run_dir: Path, mngr: ocp.CheckpointManager, best_mngr: ocp.CheckpointManager | None, resume: bool,
+           steps: int | None, epochs: int | None, time_limit: float | None, log_every: int,
+           progress: bool) -> History:
+    """`fit` once its loaders and checkpoint managers are made and its folder is locked (`fit` closes them)."""
+    from tqdm import tqdm
+
     for m in (mngr, best_mngr):
         if m is not None:
             remove_unfinished_saves(m)  # an earlier run's failed or killed save
@@ -177,14 +200,12 @@ def fit(
     if resume and mngr.latest_step() is not None:
         state, meta = restore_checkpoint(run_dir, int(mngr.latest_step()), cfg, ex)
         if meta["config"] != cfg.to_json():
-            mngr.close()
             raise ValueError(f"{run_dir}: its checkpoint was trained with other settings; use another --out")
         loader.set_state(meta["loader"])
         if history_path.is_file():
             history = History(**json.loads(history_path.read_text()))
     else:
         if mngr.latest_step() is not None:
-            mngr.close()
             raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume or use another --out")
         state = fresh if fresh is not None else ex.place_state(create_state(cfg))
     atomic_write(run_dir / "config.json", lambda fh: fh.write(json.dumps(cfg.to_json(), indent=2).encode()))
@@ -261,12 +282,6 @@ def fit(
             checkpoint()
     finally:
         bar.close()
-        mngr.close()
-        if best_mngr is not None:
-            best_mngr.close()
-        loader.close()
-        if val_loader is not None:
-            val_loader.close()
     return history
 
 

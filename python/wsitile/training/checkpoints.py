@@ -4,6 +4,7 @@ interrupts held; finding, reading and restoring them, and loading one for infere
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -90,6 +91,55 @@ def remove_unfinished_saves(mngr: ocp.CheckpointManager) -> None:
     only when it is complete). For the run's writer only: to anyone else one may be a save in progress."""
     for tmp in Path(str(mngr.directory)).glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The file a training process holds locked in its run directory while it runs (flock: freed when
+#: the process ends, however it ends; removed by the holder when it is done).
+RUN_LOCK = ".wsitile-train.lock"
+
+
+@contextlib.contextmanager
+def run_dir_locked(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this training process inside the block; ValueError naming the holder when
+    another process holds it. Two runs writing one folder would each remove the other's save in
+    progress as unfinished, and interleave their checkpoints. Only JAX's process 0 locks (the others
+    of a multi-host run write the same folder, coordinated by orbax); a filesystem that cannot lock
+    (ENOLCK, some network mounts) runs without the lock, with a warning."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = run_dir / RUN_LOCK
+    while True:
+        fh = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise ValueError(f"{run_dir}: another training process{f' (pid {holder})' if holder.isdigit() else ''}"
+                             " is writing this run; wait for it to end or use another --out") from None
+        except OSError as exc:
+            fh.close()
+            log.warning("%s: cannot be locked (%s); another process training into it would not be refused",
+                        run_dir, exc.strerror or exc)
+            yield
+            return
+        try:  # the file locked must still be the one at `path`: a holder removes it as it lets go
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: a waiting process then finds it gone and opens a new one
+        fh.close()
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:

@@ -244,12 +244,15 @@ def test_checkpoint_that_does_not_fit_the_model(run, tmp_path, capsys):
     (meta_file,) = edited.glob("checkpoints/*/meta/metadata")
     meta = json.loads(meta_file.read_text())
     meta["config"]["width"] = 0.25  # the arrays are width 0.125's
-    meta_file.write_text(json.dumps(meta))
-    out = tmp_path / "p"
-    assert main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(edited), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "does not match the model" in err and str(meta_file.parent.parent) in err, err
-    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    for old_style in (False, True):  # True: as written before checkpoints held their shapes
+        if old_style:
+            del meta["variables"]
+        meta_file.write_text(json.dumps(meta))
+        out = tmp_path / "p"
+        assert main(["predict", str(run / "tumor_001.tif"), "--checkpoint", str(edited), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "does not match the model" in err and str(meta_file.parent.parent) in err, (old_style, err)
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_damaged_checkpoint_says_so(run, tmp_path):

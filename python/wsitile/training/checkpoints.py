@@ -283,6 +283,15 @@ def read_model_arrays(run_dir: Path, step: int, cfg: TrainConfig, shapes: dict[s
     host_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), wanted)
     state = _restore(run_dir, step, cfg, ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=wanted, restore_args=host_args, partial_restore=True)))["state"]
+    # Read as NumPy, the arrays keep their saved shapes: one that is not the model's fails here, naming
+    # the checkpoint (a checkpoint without saved shapes whose config was edited failed in the first
+    # predict call, in XLA's words).
+    for group in ("trainable", "frozen", "batch_stats"):
+        want, got = flat(wanted[group]), flat(state[group])
+        for key in want:
+            if tuple(np.shape(got[key])) != tuple(want[key].shape):
+                raise mismatch_error(run_dir, step, cfg, ValueError(
+                    f"{key} has shape {tuple(np.shape(got[key]))}, the model expects {tuple(want[key].shape)}"))
     return {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
 
 

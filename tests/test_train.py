@@ -68,7 +68,8 @@ def test_defaults_follow_liu_et_al():
     (dict(tissue_threshold=-0.1), ValueError, "tissue_threshold -0.1"),
     (dict(tissue_threshold=float("nan")), ValueError, "tissue_threshold nan"),
     (dict(halve_every=0), ValueError, "halve_every 0"), (dict(fine_tune_from=-3), ValueError, "fine_tune_from -3"),
-    (dict(batch_size=8.0), TypeError, "batch_size 8.0"), (dict(seed="0"), TypeError, "seed '0'"),
+    (dict(batch_size=8.5), TypeError, "batch_size 8.5"), (dict(seed="0"), TypeError, "seed '0'"),
+    (dict(levels=(2.5, 3)), TypeError, "levels 2.5"),
 ])
 def test_config_refuses_settings_no_grid_or_run_could_use(bad, error, needle):
     """Checked when the config is made (before any slide is read), not first when a grid is built;
@@ -78,6 +79,16 @@ def test_config_refuses_settings_no_grid_or_run_could_use(bad, error, needle):
     saved = {**TrainConfig().to_json(), **{k: list(v) if isinstance(v, tuple) else v for k, v in bad.items()}}
     with pytest.raises(ValueError, match=re.escape("run/checkpoints/3: its saved settings do not parse") + ".*" + re.escape(needle)):
         TrainConfig.from_json(saved, source="run/checkpoints/3")
+
+
+def test_config_takes_whole_numbers_of_any_type():
+    """Configs saved by earlier versions (halve_every 2e6 as 2000000.0) and NumPy values (an extract
+    .npz's levels) still load, stored as ints: JSON and comparisons with a resumed run's config agree."""
+    cfg = TrainConfig(levels=np.array([2, 3]), window=np.int64(80), stride=80.0, halve_every=2e6, fine_tune_from=150.0)
+    assert (cfg.levels, cfg.window, cfg.stride, cfg.halve_every, cfg.fine_tune_from) == ((2, 3), 80, 80, 2_000_000, 150)
+    assert all(type(v) is int for v in (*cfg.levels, cfg.window, cfg.stride, cfg.halve_every, cfg.fine_tune_from))
+    saved = json.loads(json.dumps({**TrainConfig().to_json(), "halve_every": 2000000.0}))
+    assert TrainConfig.from_json(saved) == TrainConfig()
 
 
 @pytest.fixture(scope="module")
@@ -231,28 +242,67 @@ def test_resume_replays_the_same_batches_and_parameters(slides, tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        with pytest.raises(ValueError, match=rf"killed: another training process \(pid {holder.pid}\) is writing"):
+        with pytest.raises(ValueError, match=rf"killed: another training process \(pid {holder.pid} on .+\) is writing"):
             fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False, resume=True)
         assert in_progress.is_dir()
     finally:
         holder.kill()
         holder.wait()
+    with train.run_dir_locked(tmp_path / "killed" / "best"):  # RUN/best is a run folder of its own, held too
+        with pytest.raises(ValueError, match="killed/best: another training process"):
+            fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False, resume=True)
     with pytest.raises(ValueError, match="already holds checkpoints"):  # past the lock, which the holder's end freed
         fit(cfg, ss, tmp_path / "killed", steps=6, threads=2, progress=False)
     assert not in_progress.exists()
+    assert not list((tmp_path / "killed").glob("**/.wsitile-train.lock"))
 
 
 def test_run_lock_is_exclusive_removed_when_done_and_optional_where_locks_fail(tmp_path, monkeypatch, caplog):
     import errno
+    import socket
+
+    from jax.experimental import multihost_utils
 
     from wsitile.training import checkpoints
 
+    lock = tmp_path / checkpoints.RUN_LOCK
     with train.run_dir_locked(tmp_path):
-        assert (tmp_path / checkpoints.RUN_LOCK).read_text() == str(os.getpid())
-        with pytest.raises(ValueError, match=f"another training process \\(pid {os.getpid()}\\)"):
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(ValueError, match=rf"another training process \(pid {os.getpid()} on "):
             with train.run_dir_locked(tmp_path):  # flock: another open of the file, as another process's
                 pass
     assert list(tmp_path.iterdir()) == []  # the folder is left as it was
+
+    # A link planted as the lock file is refused, not written through; a folder there is named.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    lock.symlink_to(victim)
+    with pytest.raises(ValueError, match=re.escape(f"{lock}: cannot be used as this run's lock")):
+        with train.run_dir_locked(tmp_path):
+            pass
+    assert victim.read_text() == "keep me"
+    lock.unlink()
+    lock.mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{lock}: cannot be used as this run's lock")):
+        with train.run_dir_locked(tmp_path):
+            pass
+    lock.rmdir()
+
+    # Multi-host: process 0 tells the others whether it holds the folder; all of them fail, not one.
+    told = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: told.append(int(x)) or x)
+    with train.run_dir_locked(tmp_path):
+        with pytest.raises(ValueError, match="another training process"):
+            with train.run_dir_locked(tmp_path):
+                pass
+    assert told == [1, 0]
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+    with pytest.raises(ValueError, match="process 0 could not lock this run"):
+        with train.run_dir_locked(tmp_path):
+            pass
+    monkeypatch.undo()
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -10,6 +10,7 @@ Needs the `wsitile[train]` extra (jax, flax, optax, orbax-checkpoint, h5py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -135,54 +136,54 @@ def fit(
     train_items = shard_for_process(slides.train)
     if not train_items:
         raise ValueError("no training slides")
-    loader = Loader(
-        train_items,
-        levels=cfg.levels,
-        window=cfg.window,
-        center=cfg.center,
-        stride=cfg.stride,
-        tissue_threshold=cfg.tissue_threshold,
-        batch_size=local_batch,
-        threads=threads,
-        shuffle=True,
-        balanced=cfg.balanced,
-        seed=cfg.seed,
-        drop_last=True,
-        augment=cfg.augment,
-    )
-    if int(loader.labels.sum()) == 0:
-        loader.close()
-        raise ValueError(
-            "no tumour windows in the training slides (" + ", ".join(p for p, _ in train_items)
-            + "): check the masks and the tissue threshold"
-        )
-    if len(loader) == 0:
-        loader.close()
-        raise ValueError(f"batch_size {cfg.batch_size}: larger than the {loader.num_samples} training windows")
-    val_loader = None
-    if slides.val:
-        val_loader = Loader(
-            shard_for_process(slides.val), levels=cfg.levels, window=cfg.window, center=cfg.center,
-            stride=cfg.stride, tissue_threshold=cfg.tissue_threshold, batch_size=max(local_batch, 64),
-            threads=threads, shuffle=False,
-        )
-
-    try:
+    with contextlib.ExitStack() as held:  # unwound in reverse: managers, locks, loaders
+        # A folder that exists may be another process's run: refused before the slides' grids are
+        # built (minutes on a real training set); a new folder is locked as soon as it is made.
+        locked = run_dir.is_dir()
+        if locked:
+            held.enter_context(run_dir_locked(run_dir))
+        loader = held.enter_context(Loader(
+            train_items,
+            levels=cfg.levels,
+            window=cfg.window,
+            center=cfg.center,
+            stride=cfg.stride,
+            tissue_threshold=cfg.tissue_threshold,
+            batch_size=local_batch,
+            threads=threads,
+            shuffle=True,
+            balanced=cfg.balanced,
+            seed=cfg.seed,
+            drop_last=True,
+            augment=cfg.augment,
+        ))
+        if int(loader.labels.sum()) == 0:
+            raise ValueError(
+                "no tumour windows in the training slides (" + ", ".join(p for p, _ in train_items)
+                + "): check the masks and the tissue threshold"
+            )
+        if len(loader) == 0:
+            raise ValueError(f"batch_size {cfg.batch_size}: larger than the {loader.num_samples} training windows")
+        val_loader = None
+        if slides.val:
+            val_loader = held.enter_context(Loader(
+                shard_for_process(slides.val), levels=cfg.levels, window=cfg.window, center=cfg.center,
+                stride=cfg.stride, tissue_threshold=cfg.tissue_threshold, batch_size=max(local_batch, 64),
+                threads=threads, shuffle=False,
+            ))
         run_dir.mkdir(parents=True, exist_ok=True)
-        with run_dir_locked(run_dir):  # before anything in the folder is read or removed
-            mngr = checkpoint_manager(run_dir)
-            best_mngr = checkpoint_manager(run_dir / "best") if val_loader is not None else None
-            try:
-                return _train(cfg, ex, loader, val_loader, fresh, run_dir, mngr, best_mngr, resume, steps, epochs,
-                              time_limit, log_every, progress)
-            finally:
-                mngr.close()
-                if best_mngr is not None:
-                    best_mngr.close()
-    finally:
-        loader.close()
-        if val_loader is not None:
-            val_loader.close()
+        if not locked:  # before anything in the folder is read or removed
+            held.enter_context(run_dir_locked(run_dir))
+        mngr = checkpoint_manager(run_dir)
+        held.callback(mngr.close)
+        best_mngr = None
+        if val_loader is not None:  # RUN/best is a run folder of its own (`predict --checkpoint RUN/best`)
+            (run_dir / "best").mkdir(exist_ok=True)
+            held.enter_context(run_dir_locked(run_dir / "best"))
+            best_mngr = checkpoint_manager(run_dir / "best")
+            held.callback(best_mngr.close)
+        return _train(cfg, ex, loader, val_loader, fresh, run_dir, mngr, best_mngr, resume, steps, epochs,
+                      time_limit, log_every, progress)
 
 
 def _train(cfg: TrainConfig, ex: Steps, loader: Loader, val_loader: Loader | None, fresh: TrainState | None,

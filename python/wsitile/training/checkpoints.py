@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -98,48 +99,87 @@ def remove_unfinished_saves(mngr: ocp.CheckpointManager) -> None:
 RUN_LOCK = ".wsitile-train.lock"
 
 
+class _RunLock:
+    """flock on RUN/RUN_LOCK, which names its holder ("pid N on HOST")."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.path, self.fd = run_dir, run_dir / RUN_LOCK, -1
+
+    def acquire(self) -> None:
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                who = f" ({holder})" if holder.startswith("pid ") and holder.isprintable() else ""
+                raise ValueError(f"{self.run_dir}: another training process{who} is writing this run; "
+                                 "wait for it to end or use another --out") from None
+            except OSError as exc:  # ENOLCK: a filesystem without locks (some network mounts)
+                os.close(fd)
+                log.warning("%s: cannot be locked (%s); another process training into it would not be refused",
+                            self.run_dir, exc.strerror or exc)
+                return
+            try:  # the file locked must still be the one at the path: a holder removes it as it lets go
+                now = os.lstat(self.path)
+                if (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+        with contextlib.suppress(OSError):  # read-only: another user's stale file, still a lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def _open(self) -> int:
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC  # a link planted as the lock file is refused, not written through
+        try:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+            except PermissionError:  # another user's file left by a killed run: flock needs no write access
+                return os.open(self.path, os.O_RDONLY | flags)
+        except OSError as exc:  # a folder, a link, unreadable
+            raise ValueError(f"{self.path}: cannot be used as this run's lock ({exc.strerror}); "
+                             "remove it if no training process is running") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still locked: a waiting process finds it gone and opens anew
+            os.close(self.fd)
+            self.fd = -1
+
+
 @contextlib.contextmanager
 def run_dir_locked(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir` for this training process inside the block; ValueError naming the holder when
+    """Hold `run_dir` for this training run inside the block; ValueError naming the holder when
     another process holds it. Two runs writing one folder would each remove the other's save in
-    progress as unfinished, and interleave their checkpoints. Only JAX's process 0 locks (the others
-    of a multi-host run write the same folder, coordinated by orbax); a filesystem that cannot lock
-    (ENOLCK, some network mounts) runs without the lock, with a warning."""
-    if jax.process_index() != 0:
-        yield
-        return
-    path = run_dir / RUN_LOCK
-    while True:
-        fh = open(path, "a+", encoding="utf-8")
+    progress as unfinished, and interleave their checkpoints. JAX's process 0 locks (the others of a
+    multi-host run write the same folder, coordinated by orbax) and tells the others whether it could,
+    so every process fails, not only the first; a filesystem that cannot lock (ENOLCK) runs without
+    the lock, with a warning."""
+    lock = _RunLock(run_dir) if jax.process_index() == 0 else None
+    error: ValueError | None = None
+    if lock is not None:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip()
-            fh.close()
-            raise ValueError(f"{run_dir}: another training process{f' (pid {holder})' if holder.isdigit() else ''}"
-                             " is writing this run; wait for it to end or use another --out") from None
-        except OSError as exc:
-            fh.close()
-            log.warning("%s: cannot be locked (%s); another process training into it would not be refused",
-                        run_dir, exc.strerror or exc)
-            yield
-            return
-        try:  # the file locked must still be the one at `path`: a holder removes it as it lets go
-            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        fh.close()
+            lock.acquire()
+        except ValueError as exc:
+            error = exc
     try:
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not locked and error is None:
+                error = ValueError(f"{run_dir}: process 0 could not lock this run (its error says why)")
+        if error is not None:
+            raise error
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # while still locked: a waiting process then finds it gone and opens a new one
-        fh.close()
+        if lock is not None:
+            lock.release()
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..grid import (DEFAULT_CENTER, DEFAULT_LEVELS, DEFAULT_STRIDE, DEFAULT_TISSUE_THRESHOLD, DEFAULT_WINDOW,
                     check_int, check_window_settings)
@@ -40,14 +41,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # The window settings are checked here too, not only when a grid is built: a typo fails
         # `wsitile train` before any slide is read, and an edited config.json fails `predict` naming it.
-        levels, *_ = check_window_settings(self.levels, self.window, self.center, self.stride, self.tissue_threshold)
+        # Whole numbers are taken in any numeric type (NumPy's; 2e6 for halve_every, as older
+        # configs saved it) and stored as ints; 80.5 is refused.
+        given: Any = self.levels.tolist() if isinstance(self.levels, np.ndarray) else self.levels
+        if isinstance(given, Sequence) and not isinstance(given, (str, bytes)):
+            given = [_whole("levels", v) for v in given]
+        ints = {name: _whole(name, getattr(self, name))
+                for name in ("window", "center", "stride", "batch_size", "halve_every", "seed")}
+        levels, *_ = check_window_settings(given, ints["window"], ints["center"], ints["stride"], self.tissue_threshold)
         if levels[0] < 0:  # the rest is checked against each slide's pyramid
             raise ValueError(f"levels {levels}: must be >= 0")
         object.__setattr__(self, "levels", levels)
-        for name in ("batch_size", "halve_every", "seed"):
-            check_int(name, getattr(self, name))
-        if self.fine_tune_from is not None and check_int("fine_tune_from", self.fine_tune_from) < 0:
-            raise ValueError(f"fine_tune_from {self.fine_tune_from}: must be >= 0 (a Keras layer index)")
+        for name, value in ints.items():
+            object.__setattr__(self, name, value)
+        if self.fine_tune_from is not None:
+            object.__setattr__(self, "fine_tune_from", _whole("fine_tune_from", self.fine_tune_from))
+            if self.fine_tune_from < 0:
+                raise ValueError(f"fine_tune_from {self.fine_tune_from}: must be >= 0 (a Keras layer index)")
         if self.halve_every < 1:
             raise ValueError(f"halve_every {self.halve_every}: must be >= 1 (examples per learning-rate halving)")
         if self.optimizer not in ("rmsprop", "adam"):
@@ -96,6 +106,13 @@ class TrainConfig:
             return cls(**d)
         except (TypeError, ValueError) as exc:  # a width as a string, a negative threshold
             raise ValueError(f"{source}: its saved settings do not parse ({exc})") from None
+
+
+def _whole(name: str, value: object) -> int:
+    """`value` as an int when it is a whole number of any numeric type; TypeError otherwise (2.5, "2", True)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    return check_int(name, value)
 
 
 def build_model(cfg: TrainConfig) -> TwoTower:

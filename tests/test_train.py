@@ -69,7 +69,8 @@ def test_defaults_follow_liu_et_al():
     (dict(tissue_threshold=float("nan")), ValueError, "tissue_threshold nan"),
     (dict(halve_every=0), ValueError, "halve_every 0"), (dict(fine_tune_from=-3), ValueError, "fine_tune_from -3"),
     (dict(batch_size=8.5), TypeError, "batch_size 8.5"), (dict(seed="0"), TypeError, "seed '0'"),
-    (dict(levels=(2.5, 3)), TypeError, "levels 2.5"),
+    (dict(levels=(2.5, 3)), TypeError, "levels 2.5"), (dict(width=True), TypeError, "width True"),
+    (dict(augment="no"), TypeError, "augment 'no'"), (dict(learning_rate="0.1"), TypeError, "learning_rate '0.1'"),
 ])
 def test_config_refuses_settings_no_grid_or_run_could_use(bad, error, needle):
     """Checked when the config is made (before any slide is read), not first when a grid is built;
@@ -87,6 +88,9 @@ def test_config_takes_whole_numbers_of_any_type():
     cfg = TrainConfig(levels=np.array([2, 3]), window=np.int64(80), stride=80.0, halve_every=2e6, fine_tune_from=150.0)
     assert (cfg.levels, cfg.window, cfg.stride, cfg.halve_every, cfg.fine_tune_from) == ((2, 3), 80, 80, 2_000_000, 150)
     assert all(type(v) is int for v in (*cfg.levels, cfg.window, cfg.stride, cfg.halve_every, cfg.fine_tune_from))
+    small = TrainConfig(width=np.float32(0.25), learning_rate=np.float64(0.01), weights=None, balanced=np.bool_(False))
+    assert json.loads(json.dumps(small.to_json()))["width"] == 0.25 and small.balanced is False
+    assert TrainConfig(weights=Path("w.h5"), width=1).to_json()["weights"] == "w.h5"
     saved = json.loads(json.dumps({**TrainConfig().to_json(), "halve_every": 2000000.0}))
     assert TrainConfig.from_json(saved) == TrainConfig()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
@@ -60,6 +61,17 @@ class TrainConfig:
                 raise ValueError(f"fine_tune_from {self.fine_tune_from}: must be >= 0 (a Keras layer index)")
         if self.halve_every < 1:
             raise ValueError(f"halve_every {self.halve_every}: must be >= 1 (examples per learning-rate halving)")
+        for name in ("width", "learning_rate", "tissue_threshold"):  # NumPy floats stored as float: JSON takes them
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _real(name, getattr(self, name)))
+        for name in ("augment", "balanced"):  # "no" would be true
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} {getattr(self, name)!r}: must be true or false")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
+            raise TypeError(f"weights {self.weights!r}: must be a path or None")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", os.fspath(self.weights))
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"optimizer {self.optimizer!r}: expected 'rmsprop' or 'adam'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float64"):
@@ -106,6 +118,13 @@ class TrainConfig:
             return cls(**d)
         except (TypeError, ValueError) as exc:  # a width as a string, a negative threshold
             raise ValueError(f"{source}: its saved settings do not parse ({exc})") from None
+
+
+def _real(name: str, value: object) -> float:
+    """`value` as a float: TypeError for anything but a real number (bool and strings included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} {value!r}: must be a number")
+    return float(value)
 
 
 def _whole(name: str, value: object) -> int:

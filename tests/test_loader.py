@@ -529,6 +529,12 @@ def _child_exit_code(pid: int, timeout: float = 60) -> int | None:
 _TSAN = "libtsan" in os.environ.get("LD_PRELOAD", "")
 
 
+# The fork is the point of these tests: JAX's warning that forking a process with threads is unsafe
+# (another test imported it) is expected here.
+_FORK_EXPECTED = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
+
+
+@_FORK_EXPECTED
 def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
     """The worker threads do not survive fork(): the child's next() and close() must not wait for them,
     and a loader made in the child works. (The parent forks between epochs, its workers idle: a fork
@@ -564,6 +570,7 @@ def test_loader_in_a_forked_child_raises_instead_of_hanging(tumour):
     loader.close()
 
 
+@_FORK_EXPECTED
 def test_loader_collected_in_a_forked_child_without_close(tumour):
     """A child that only drops its copy of the loader (garbage collection, not close()) exits at once."""
     import gc

@@ -322,6 +322,33 @@ def test_plots_write_valid_pngs(tumour_slide, tumour_heatmap, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "empty.png", "heatmap.png", "roc.png"]
 
 
+def test_a_lone_hot_window_shows_however_fine_the_grid(tumour_slide, tmp_path):
+    """A grid far finer than the picture (1,024 windows across ~430 px, as a Camelyon-size slide's
+    ~600 in the same width): one window of probability 1 among 0s changes the picture wherever it
+    is, in heatmap.png and in the heatmap panels of heatmap_vs_truth.png (imshow's nearest-neighbour
+    resampling dropped it about 2 times in 3: the picture is max-pooled to its pixels)."""
+    from wsitile.plots import save_heatmap_vs_truth
+
+    width, height = openslide.OpenSlide(tumour_slide["slide"]).dimensions
+    cols, rows = width // 8, height // 8
+    rng = np.random.default_rng(5)
+    cells = rng.choice(rows * cols, size=4, replace=False)
+    coords = np.stack([cells % cols * 8, cells // cols * 8], axis=1).astype(np.int64)
+    backdrop = heatmap_backdrop(tumour_slide["slide"])
+
+    def pictures(probs):
+        hm = Heatmap(coords=coords, probs=np.asarray(probs, np.float32), levels=np.array([0]), window=8, center=4,
+                     stride=8, grid_shape=(rows, cols), slide=str(tumour_slide["slide"]))
+        save_heatmap_png(hm, tumour_slide["slide"], tmp_path / "h.png", backdrop=backdrop)
+        save_heatmap_vs_truth(hm, tumour_slide["mask"], tmp_path / "v.png")
+        return [np.asarray(Image.open(tmp_path / name).convert("RGB"), np.int16) for name in ("h.png", "v.png")]
+
+    cold = pictures(np.zeros(4))
+    for hot in range(4):
+        for before, after in zip(cold, pictures(np.eye(4)[hot])):
+            assert before.shape == after.shape and (np.abs(after - before).sum(-1) > 60).any(), hot
+
+
 def test_heatmap_png_from_a_prepared_backdrop_is_the_same_picture(tumour_slide, tumour_heatmap, tmp_path):
     # predict reads the backdrop in a thread during its loop; the picture must not depend on it.
     hm = load_heatmap(tumour_heatmap)

@@ -325,14 +325,16 @@ def test_plots_write_valid_pngs(tumour_slide, tumour_heatmap, tmp_path):
 def test_a_lone_hot_window_shows_however_fine_the_grid(tumour_slide, tmp_path):
     """A grid far finer than the picture (1,024 windows across ~430 px, as a Camelyon-size slide's
     ~600 in the same width): one window of probability 1 among 0s changes the picture wherever it
-    is, in heatmap.png and in the heatmap panels of heatmap_vs_truth.png (imshow's nearest-neighbour
-    resampling dropped it about 2 times in 3: the picture is max-pooled to its pixels)."""
+    is, the slide's edge included, in heatmap.png and in the heatmap panels of heatmap_vs_truth.png
+    (imshow's nearest-neighbour resampling dropped it about 2 times in 3: the picture is max-pooled to
+    its pixels; at the edge the axes' frame covered it: the images are drawn over the frame)."""
     from wsitile.plots import save_heatmap_vs_truth
 
     width, height = openslide.OpenSlide(tumour_slide["slide"]).dimensions
     cols, rows = width // 8, height // 8
     rng = np.random.default_rng(5)
     cells = rng.choice(rows * cols, size=4, replace=False)
+    cells[:2] = (0, cols * 100)  # the top-left corner and the left edge: not hidden under the axes' frame
     coords = np.stack([cells % cols * 8, cells // cols * 8], axis=1).astype(np.int64)
     backdrop = heatmap_backdrop(tumour_slide["slide"])
 

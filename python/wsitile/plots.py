@@ -55,7 +55,7 @@ def _save(fig, out_png: str | os.PathLike[str]) -> None:  # noqa: ANN001
     path = Path(out_png)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: a figure is written as .png")
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=fig.dpi))  # the dpi _pool_to_pixels sized for
 
 
 def _cmap(name: str = _CMAP):  # noqa: ANN202
@@ -72,7 +72,12 @@ def _grid_extent(heatmap: Heatmap, d0: float) -> tuple[float, float, float, floa
     return (off, off + cols * step, off + rows * step, off)
 
 
-def _pool_to_pixels(fig, axes, min_px: float = 1.0) -> None:  # noqa: ANN001 - matplotlib Figure, Axes
+#: Grid and mask images are drawn over the axes' frame (spines: 2.5), so a window at the slide's edge
+#: is not hidden under it.
+_OVER_FRAME = 3
+
+
+def _pool_to_pixels(fig, axes, min_px: float = 1.5) -> None:  # noqa: ANN001 - matplotlib Figure, Axes
     """Max-pool every single-channel image in `axes` so that each of its cells spans at least
     `min_px` of the saved picture's pixels (NaN ignored; a block without a value stays NaN). imshow
     resamples an image larger than its axes by nearest neighbour, which drops whole rows and columns:
@@ -85,8 +90,10 @@ def _pool_to_pixels(fig, axes, min_px: float = 1.0) -> None:  # noqa: ANN001 - m
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
         for artist in ax.images:
             image = np.asarray(artist.get_array())
-            if image.ndim != 2:  # the slide's RGB thumbnail: antialiased, not pooled
+            if image.ndim != 2 or artist.origin != "upper":  # the slide's RGB thumbnail: antialiased, not pooled
                 continue
+            # masked cells (matplotlib masks NaN) as NaN / 0, not as the data under the mask
+            image = np.ma.filled(artist.get_array(), np.nan if np.issubdtype(image.dtype, np.floating) else 0)
             left, right, bottom, top = artist.get_extent()
             rows, cols = image.shape
             cell_x = abs(right - left) / cols * box.width / max(abs(x1 - x0), 1e-12)
@@ -161,7 +168,7 @@ def save_heatmap_png(
     ax = fig.add_subplot()
     ax.imshow(backdrop.thumbnail, extent=(0, width, height, 0), interpolation="antialiased")
     im = ax.imshow(image, cmap=_cmap(), vmin=0.0, vmax=1.0, alpha=0.6, extent=_grid_extent(heatmap, d0),
-                   interpolation="nearest")
+                   interpolation="nearest", zorder=_OVER_FRAME)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_title(f"{Path(str(slide_path)).name}: tumour probability ({len(heatmap)} windows)")
@@ -201,17 +208,20 @@ def save_heatmap_vs_truth(
     extent_grid = _grid_extent(heatmap, d0)
     fig = _figure(*_figsize(width, height, panels=3, side=4.0))
     axes = fig.subplots(1, 3, sharex=True, sharey=True)
-    axes[0].imshow(truth, cmap="gray", vmin=0, vmax=1, extent=extent_truth, interpolation="nearest")
+    axes[0].imshow(truth, cmap="gray", vmin=0, vmax=1, extent=extent_truth, interpolation="nearest", zorder=_OVER_FRAME)
     axes[0].set_title(f"true tumour mask ({Path(str(mask_path)).name})")
     axes[1].set_facecolor("#202020")
-    im = axes[1].imshow(image, cmap=_cmap(), vmin=0.0, vmax=1.0, extent=extent_grid, interpolation="nearest")
+    im = axes[1].imshow(image, cmap=_cmap(), vmin=0.0, vmax=1.0, extent=extent_grid, interpolation="nearest",
+                        zorder=_OVER_FRAME)
     axes[1].set_title("predicted tumour probability")
-    axes[2].imshow(truth, cmap="gray", vmin=0, vmax=1, extent=extent_truth, interpolation="nearest")
-    axes[2].imshow(image, cmap=_cmap(), vmin=0.0, vmax=1.0, alpha=0.55, extent=extent_grid, interpolation="nearest")
+    axes[2].imshow(truth, cmap="gray", vmin=0, vmax=1, extent=extent_truth, interpolation="nearest", zorder=_OVER_FRAME)
+    axes[2].imshow(image, cmap=_cmap(), vmin=0.0, vmax=1.0, alpha=0.55, extent=extent_grid, interpolation="nearest",
+                   zorder=_OVER_FRAME)
     if truth.any():
         cx = (np.arange(truth.shape[1]) + 0.5) * ds  # thumbnail pixel centres in level-0 pixels
         cy = (np.arange(truth.shape[0]) + 0.5) * ds
-        axes[2].contour(cx, cy, truth.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.8)
+        axes[2].contour(cx, cy, truth.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.8,
+                        zorder=_OVER_FRAME + 1)
     axes[2].set_title("overlay (truth outlined)")
     for ax in axes:
         ax.set_xlim(0, width)

@@ -107,8 +107,10 @@ def check_window_settings(
     return levels, window, center, stride
 
 
-def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int) -> tuple[int, ...]:
-    levels, window, _, _ = check_window_settings(levels, window, center, stride)
+def validate(slide: Slide, levels: Sequence[int], window: int, center: int, stride: int,
+             tissue_threshold: float | None = None) -> tuple[int, ...]:
+    """`check_window_settings`, then the levels and the window against `slide`'s pyramid."""
+    levels, window, _, _ = check_window_settings(levels, window, center, stride, tissue_threshold)
     for lvl in levels:
         slide.check_level(lvl)
     width, height = slide.level_dimensions[levels[0]]
@@ -242,8 +244,7 @@ def build_grid(
     if not isinstance(slide, Slide):
         slide = Slide(slide)
     threads = min(default_threads(), MAX_THREADS) if threads is None else check_threads(threads)
-    check_window_settings(levels, window, center, stride, tissue_threshold)
-    levels = validate(slide, levels, window, center, stride)
+    levels = validate(slide, levels, window, center, stride, tissue_threshold)
     window, center, stride = int(window), int(center), int(stride)
     base = levels[0]
     width, height = slide.level_dimensions[base]

@@ -89,11 +89,11 @@ def _pool_to_pixels(fig, axes, min_px: float = 1.5) -> None:  # noqa: ANN001 - m
         box = ax.get_window_extent()
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
         for artist in ax.images:
-            image = np.asarray(artist.get_array())
-            if image.ndim != 2 or artist.origin != "upper":  # the slide's RGB thumbnail: antialiased, not pooled
+            shown = artist.get_array()
+            if shown is None or shown.ndim != 2 or artist.origin != "upper":  # the RGB thumbnail: not pooled
                 continue
-            # masked cells (matplotlib masks NaN) as NaN / 0, not as the data under the mask
-            image = np.ma.filled(artist.get_array(), np.nan if np.issubdtype(image.dtype, np.floating) else 0)
+            fill = np.nan if np.issubdtype(shown.dtype, np.floating) else 0
+            image = np.ma.filled(shown, fill)  # masked cells (matplotlib masks NaN) as the fill, not the data under them
             left, right, bottom, top = artist.get_extent()
             rows, cols = image.shape
             cell_x = abs(right - left) / cols * box.width / max(abs(x1 - x0), 1e-12)
@@ -101,7 +101,6 @@ def _pool_to_pixels(fig, axes, min_px: float = 1.5) -> None:  # noqa: ANN001 - m
             f = math.ceil(min_px / max(min(cell_x, cell_y), 1e-12))
             if f <= 1:
                 continue
-            fill = np.nan if np.issubdtype(image.dtype, np.floating) else 0
             padded = np.full((-(-rows // f) * f, -(-cols // f) * f), fill, dtype=image.dtype)
             padded[:rows, :cols] = image
             blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from .config import TrainConfig
 from .orbax_noise import orbax_noise_held
-from .params import flat, nested, trainable_paths, variable_shapes
+from .params import check_same_shapes, flat, nested, trainable_paths, variable_shapes
 from .steps import Steps, TrainState, create_state, steps_for
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ class _RunLock:
                             self.run_dir, exc.strerror or exc)
                 return
             try:  # the file locked must still be the one at the path: a holder removes it as it lets go
-                now = os.lstat(self.path)
-                if (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                now, held = os.lstat(self.path), os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
                     break
             except FileNotFoundError:
                 pass
@@ -326,12 +326,10 @@ def read_model_arrays(run_dir: Path, step: int, cfg: TrainConfig, shapes: dict[s
     # Read as NumPy, the arrays keep their saved shapes: one that is not the model's fails here, naming
     # the checkpoint (a checkpoint without saved shapes whose config was edited failed in the first
     # predict call, in XLA's words).
-    for group in ("trainable", "frozen", "batch_stats"):
-        want, got = flat(wanted[group]), flat(state[group])
-        for key in want:
-            if tuple(np.shape(got[key])) != tuple(want[key].shape):
-                raise mismatch_error(run_dir, step, cfg, ValueError(
-                    f"{key} has shape {tuple(np.shape(got[key]))}, the model expects {tuple(want[key].shape)}"))
+    try:
+        check_same_shapes(wanted, state, "the saved arrays")
+    except ValueError as exc:
+        raise mismatch_error(run_dir, step, cfg, exc) from None
     return {"params": nested({**state["frozen"], **state["trainable"]}), "batch_stats": state["batch_stats"]}
 
 

@@ -38,7 +38,7 @@ def init_variables(cfg: TrainConfig) -> dict[str, Any]:
         imported = load_keras_h5(cfg.weights, width=cfg.width)
         for t in range(len(cfg.levels)):
             for col in ("params", "batch_stats"):
-                _check_same_shapes(variables[col][f"tower_{t}"], imported[col], cfg.weights)
+                check_same_shapes(variables[col][f"tower_{t}"], imported[col], cfg.weights)
                 variables[col][f"tower_{t}"] = jax.tree.map(jnp.asarray, imported[col])
     return variables
 
@@ -63,7 +63,7 @@ def _init_leaf(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
     return np.zeros(shape, np.float32)  # biases, BatchNorm beta and mean
 
 
-def _check_same_shapes(expected: Any, got: Any, source: str) -> None:
+def check_same_shapes(expected: Any, got: Any, source: str) -> None:
     e, g = flat(expected), flat(got)
     if set(e) != set(g):
         raise ValueError(f"{source}: parameters {sorted(set(e) ^ set(g))[:3]} do not match the model")

@@ -40,9 +40,12 @@ def _closed_loop_callbacks_dropped() -> Any:
 
 def _not_an_abandoned_write(record: logging.LogRecord) -> bool:
     """False for asyncio's "exception was never retrieved" about a write into an orbax temporary
-    folder: a failed save's other writes, logged when their futures are collected (at exit)."""
+    folder (a failed save's other writes) or a read of a checkpoint's OCDBT database (a failed
+    restore's other reads: a damaged checkpoint), logged when their futures are collected (at exit;
+    in CI once in four runs of test_damaged_checkpoint_says_so, after its one-line error)."""
     message = record.getMessage()
-    return not ("exception was never retrieved" in message and ".orbax-checkpoint-tmp" in message)
+    return not ("exception was never retrieved" in message
+                and (".orbax-checkpoint-tmp" in message or "in OCDBT database at" in message))
 
 
 def _not_a_writer_thread_failure(record: logging.LogRecord) -> bool:
